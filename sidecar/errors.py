@@ -1,0 +1,105 @@
+"""One exception hierarchy for everything the sidecar reports to a client.
+
+Each class carries its JSON-RPC ``CODE`` and a default ``MESSAGE``; ``data`` is a plain dict that
+is sent as ``error.data``. Anything that is not a ``SidecarError`` becomes -32603 (internal error)
+at the protocol boundary, with the traceback on stderr only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SidecarError(Exception):
+    CODE = -32603
+    MESSAGE = "Internal error"
+
+    def __init__(self, message: str | None = None, **data: Any) -> None:
+        super().__init__(message or self.MESSAGE)
+        self.message = message or self.MESSAGE
+        self.data = {k: v for k, v in data.items() if v is not None}
+
+    def to_error(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.CODE, "message": self.message}
+        if self.data:
+            err["data"] = self.data
+        return err
+
+
+# Standard JSON-RPC 2.0 codes.
+class ParseError(SidecarError):
+    CODE, MESSAGE = -32700, "Parse error"
+
+
+class InvalidRequest(SidecarError):
+    CODE, MESSAGE = -32600, "Invalid Request"
+
+
+class MethodNotFound(SidecarError):
+    CODE, MESSAGE = -32601, "Method not found"
+
+
+class InvalidParams(SidecarError):
+    CODE, MESSAGE = -32602, "Invalid params"
+
+
+class InternalError(SidecarError):
+    CODE, MESSAGE = -32603, "Internal error"
+
+
+class RequestCancelled(SidecarError):
+    """LSP's RequestCancelled: the job was cancelled (``data: {jobId, stepsCompleted}``)."""
+
+    CODE, MESSAGE = -32800, "Request cancelled"
+
+
+# Application codes, -32010 … -32049.
+class DatasetInvalid(SidecarError):
+    CODE, MESSAGE = -32010, "Dataset invalid"
+
+
+class ModelNotFound(SidecarError):
+    CODE, MESSAGE = -32011, "Model not found"
+
+
+class ModelLoadFailed(SidecarError):
+    CODE, MESSAGE = -32012, "Model failed to load"
+
+
+class OutOfMemory(SidecarError):
+    CODE, MESSAGE = -32013, "Out of memory"
+
+
+class QueueFull(SidecarError):
+    CODE, MESSAGE = -32014, "Job queue is full"
+
+
+class ShuttingDown(SidecarError):
+    CODE, MESSAGE = -32015, "Sidecar is shutting down"
+
+
+class Unsupported(SidecarError):
+    CODE, MESSAGE = -32016, "Unsupported"
+
+
+class TrainingFailed(SidecarError):
+    CODE, MESSAGE = -32017, "Training failed"
+
+
+class AdapterNotFound(SidecarError):
+    CODE, MESSAGE = -32018, "Adapter not found"
+
+
+class OutputExists(SidecarError):
+    CODE, MESSAGE = -32019, "Output path already exists"
+
+
+class DuplicateJob(SidecarError):
+    CODE, MESSAGE = -32020, "A job with this id is already queued or running"
+
+
+ALL_ERRORS: list[type[SidecarError]] = [
+    ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
+    DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
+    Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob,
+]
