@@ -99,6 +99,8 @@ class TrainParams(Wire, kw_only=True):
     seed: int = 42
     loss_on: Literal["assistant", "all"] = "assistant"
     gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding); order inside an epoch stays seeded."""
 
     quantize: bool = False
     quantize_bits: Literal[4, 8] = 4
