@@ -1,0 +1,245 @@
+"""The job queue: one worker thread runs every model-touching job (train, generate) in FIFO order.
+
+One worker means a ``generate`` never sees a model that carries another job's LoRA layers, and the
+warm ``ModelCache`` needs no cross-job locking. ``cancel``, ``status`` and ``supports`` never wait
+for the worker. Progress from the engine is throttled here and turned into ``progress``
+notifications through the ``notify`` callback; the last notification of a job is always written
+before its result is released, so none can follow the job's response.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+import time
+import traceback
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from . import errors, wire
+
+log = logging.getLogger("sidecar.jobs")
+
+FINAL_PHASES = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class Job:
+    job_id: str
+    kind: str  # "train" | "generate"
+    params: Any
+    base_model: str
+    received_at: float
+    request_id: Any = None
+    framing: str = "ndjson"
+    progress_interval: float = 0.25
+    state: str = "queued"
+    phase: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+    adapter_path: str | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+    # Throttling state, guarded by JobQueue.lock.
+    last_sent_at: float = 0.0
+    last_sent_step: int = -1
+    last_sent_phase: str | None = None
+    closed: bool = False
+
+    def info(self) -> wire.JobInfo:
+        return wire.JobInfo(
+            job_id=self.job_id, kind=self.kind, state=self.state, phase=self.phase, base_model=self.base_model,
+            step=self.step, total_steps=self.total_steps, submitted_at=self.received_at,
+            started_at=self.started_at, finished_at=self.finished_at, error=self.error,
+            adapter_path=self.adapter_path,
+        )
+
+
+Runner = Callable[[Job, Callable[[wire.Progress], None], Callable[[], bool]], Any]
+
+
+class JobQueue:
+    def __init__(
+        self,
+        runners: dict[str, Runner],
+        notify: Callable[[Job, wire.Progress], None],
+        max_queue: int = 8,
+        keep_recent: int = 20,
+    ) -> None:
+        self.runners = runners
+        self.notify = notify
+        self.max_queue = max_queue
+        self.lock = threading.RLock()
+        self.wakeup = threading.Condition(self.lock)
+        self.queue: collections.deque[Job] = collections.deque()
+        self.running: Job | None = None
+        self.recent: collections.deque[Job] = collections.deque(maxlen=keep_recent)
+        self.by_request: dict[Any, Job] = {}
+        self.accepting = True
+        self.stopped = False
+        self._counter = itertools.count(1)
+        self.worker = threading.Thread(target=self._work, name="sidecar-worker", daemon=True)
+        self.worker.start()
+
+    # --- submission -------------------------------------------------------------------------
+
+    def submit(self, kind: str, params: Any, *, job_id: str | None, base_model: str, received_at: float,
+               request_id: Any = None, framing: str = "ndjson", progress_interval: float = 0.25) -> Job:
+        with self.lock:
+            if not self.accepting:
+                raise errors.ShuttingDown("The sidecar is shutting down and accepts no new jobs")
+            if len(self.queue) >= self.max_queue:
+                raise errors.QueueFull(
+                    f"{len(self.queue)} jobs are already queued (limit {self.max_queue}); retry when one finishes",
+                    queued=len(self.queue), limit=self.max_queue)
+            if job_id is None:
+                job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+            elif self._find(job_id) is not None and self._find(job_id).state in ("queued", "running"):
+                raise errors.DuplicateJob(f"Job {job_id!r} is already queued or running", jobId=job_id)
+            job = Job(job_id=job_id, kind=kind, params=params, base_model=base_model, received_at=received_at,
+                      request_id=request_id, framing=framing, progress_interval=progress_interval)
+            self.queue.append(job)
+            if request_id is not None:
+                self.by_request[request_id] = job
+            self.wakeup.notify_all()
+        if kind == "train":
+            self._report(job, wire.Progress(job_id=job.job_id, phase="queued",
+                                            message=f"position {self.position(job)} in queue"))
+        return job
+
+    def position(self, job: Job) -> int:
+        with self.lock:
+            ahead = sum(1 for j in self.queue if j is not job and j.received_at <= job.received_at)
+            return ahead + (1 if self.running is not None else 0)
+
+    # --- cancel / status --------------------------------------------------------------------
+
+    def _find(self, job_id: str) -> Job | None:
+        for job in itertools.chain([self.running] if self.running else [], self.queue, self.recent):
+            if job.job_id == job_id:
+                return job
+        return None
+
+    def cancel(self, job_id: str) -> str:
+        with self.lock:
+            job = self._find(job_id)
+            if job is None:
+                return "unknown"
+            if job.state == "running":
+                job.cancel_event.set()
+                return "cancelling"
+            if job.state == "queued":
+                self.queue.remove(job)
+                self._finish_locked(job, "cancelled", errors.RequestCancelled(
+                    f"Job {job_id} cancelled before it started", jobId=job_id, stepsCompleted=0))
+                return "cancelled"
+            return job.state
+
+    def cancel_request(self, request_id: Any) -> str | None:
+        with self.lock:
+            job = self.by_request.get(request_id)
+        return self.cancel(job.job_id) if job else None
+
+    def status(self) -> tuple[Job | None, list[Job], list[Job]]:
+        with self.lock:
+            return self.running, list(self.queue), list(reversed(self.recent))
+
+    def busy(self) -> bool:
+        with self.lock:
+            return self.running is not None or bool(self.queue)
+
+    def stop(self, timeout: float) -> list[str]:
+        """Refuse new jobs, cancel queued and running ones, wait up to ``timeout`` s for the worker."""
+        with self.lock:
+            self.accepting = False
+            ids = [j.job_id for j in self.queue] + ([self.running.job_id] if self.running else [])
+            for job in list(self.queue):
+                self.cancel(job.job_id)
+            if self.running:
+                self.running.cancel_event.set()
+            self.stopped = True
+            self.wakeup.notify_all()
+        self.worker.join(timeout)
+        return ids
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue and not self.stopped:
+                    self.wakeup.wait()
+                if not self.queue:
+                    return
+                job = self.queue.popleft()
+                job.state, job.started_at = "running", time.time()
+                self.running = job
+            try:
+                result = self.runners[job.kind](
+                    job, lambda p, job=job: self._report(job, p), job.cancel_event.is_set)
+            except errors.RequestCancelled as exc:
+                self._finish(job, "cancelled", exc)
+            except errors.SidecarError as exc:
+                log.warning("job %s failed: %s", job.job_id, exc.message)
+                self._finish(job, "failed", exc)
+            except BaseException as exc:  # noqa: BLE001 - a job must never take the process down
+                log.error("job %s crashed:\n%s", job.job_id, traceback.format_exc())
+                self._finish(job, "failed", errors.InternalError(f"{type(exc).__name__}: {exc}"))
+            else:
+                if isinstance(result, wire.TrainResult):
+                    job.adapter_path = result.adapter_path
+                self._finish(job, "completed", None, result)
+
+    def _finish(self, job: Job, state: str, exc: errors.SidecarError | None, result: Any = None) -> None:
+        with self.lock:
+            self._finish_locked(job, state, exc, result)
+
+    def _finish_locked(self, job: Job, state: str, exc: errors.SidecarError | None, result: Any = None) -> None:
+        job.state, job.finished_at = state, time.time()
+        if exc is not None:
+            exc.data.setdefault("jobId", job.job_id)
+            job.error = exc.message
+        if self.running is job:
+            self.running = None
+        self.recent.append(job)
+        self.by_request.pop(job.request_id, None)
+        if job.kind == "train":
+            final = wire.Progress(job_id=job.job_id, phase=state, step=job.step, total_steps=job.total_steps,
+                                  elapsed_seconds=round(job.finished_at - (job.started_at or job.received_at), 3),
+                                  message=job.error)
+            self._report(job, final)
+        job.closed = True
+        if exc is not None:
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    # --- progress -----------------------------------------------------------------------------
+
+    def _report(self, job: Job, progress: wire.Progress) -> None:
+        """Throttle and forward one progress update; never backwards, never after the job closed."""
+        with self.lock:
+            if job.closed:
+                return
+            now = time.monotonic()
+            phase_changed = progress.phase != job.last_sent_phase
+            if progress.step < job.last_sent_step:
+                return
+            if job.phase != progress.phase and job.phase in FINAL_PHASES:
+                return
+            job.phase = progress.phase
+            job.step = max(job.step, progress.step)
+            job.total_steps = progress.total_steps or job.total_steps
+            if not phase_changed and now - job.last_sent_at < job.progress_interval:
+                return
+            job.last_sent_at, job.last_sent_step, job.last_sent_phase = now, progress.step, progress.phase
+            # Written under the lock so notifications keep their order and the final one precedes
+            # the result (the response is written only after the future resolves).
+            self.notify(job, progress)
