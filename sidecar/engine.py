@@ -1,0 +1,624 @@
+"""The training recipe behind ``train``, and ``generate``.
+
+``train`` follows a fixed lifecycle (torchtune's recipe shape):
+
+    check params and read the dataset (fail fast, nothing loaded yet)
+    → base model from the warm ModelCache (phase ``loading`` only when it really loads)
+    → ``preparing``: tokenize and validate with the model's tokenizer
+    → attach LoRA (peft) to the cached base model
+    → ``training`` (+ ``evaluating`` at each epoch end and at the end when there is validation data)
+    → ``saving``: adapter, tokenizer and manifest into ``<target>.tmp-<job>``, renamed into place
+    → finally, whatever happened: LoRA layers removed, the base model exactly as it was.
+
+The loop reads top to bottom in nanoGPT's order: lr → micro-batches (forward, backward) → clip →
+step → zero_grad → log → stop check. Helpers are defined above it, in the order they are used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import msgspec
+
+from . import __version__, data, errors, paths, wire
+
+log = logging.getLogger(__name__)
+
+# Computing the LM head only where labels exist is the default; LORA_SIDECAR_FULL_LOGITS=1 computes
+# logits at every position instead (the stock Hugging Face path) so the lever can be measured.
+FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+
+ADAPTER_FILE = "adapter_model.safetensors"
+MANIFEST_FILE = "training_manifest.json"
+
+# Config attributes that change logits after the LM head; the selective path does not apply them.
+_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------------
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or "adapter"
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        import torch
+
+        return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_output_dir(params: wire.TrainParams, job_id: str, now: float) -> Path:
+    """``outputPath``, or ``<adapters dir>/<name>-<UTC timestamp>``. An existing non-empty target
+    raises OutputExists (checked again just before the final rename)."""
+    if params.output_path:
+        target = Path(params.output_path).expanduser().absolute()
+    else:
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = paths.adapters_dir().absolute() / f"{_safe_name(params.name or 'adapter')}-{stamp}"
+        if target.exists():  # two jobs within one second: keep both
+            target = target.with_name(f"{target.name}-{_safe_name(job_id)}")
+    _check_target_free(target)
+    return target
+
+
+def _check_target_free(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise errors.OutputExists(f"Output path {target} already exists and is not empty; choose another "
+                                  "outputPath or remove it", path=str(target))
+
+
+def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, scheduler: str) -> float:
+    """Learning-rate factor for optimizer step ``step`` (0-based): linear warmup over
+    ``ceil(warmup_ratio * total_steps)`` steps (never 0 at the first step), then linear / cosine
+    decay towards 0 at ``total_steps``, or constant."""
+    warmup = math.ceil(warmup_ratio * total_steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on the cached base model, and taking it off again
+# ---------------------------------------------------------------------------------------------
+
+def default_target_modules(model: Any) -> list[str]:
+    """Names of every linear layer inside the transformer blocks (q, k, v, o, gate, up, down for
+    Llama). The blocks are the largest ``nn.ModuleList``; the LM head and embeddings lie outside it."""
+    import torch.nn as nn
+
+    try:
+        from transformers.pytorch_utils import Conv1D  # GPT-2 style projections
+        linear_types: tuple[type, ...] = (nn.Linear, Conv1D)
+    except ImportError:
+        linear_types = (nn.Linear,)
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
+    if blocks is None:
+        raise errors.TrainingFailed("Cannot find the transformer blocks of this model; pass targetModules")
+    names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, linear_types)})
+    if not names:
+        raise errors.TrainingFailed("No linear layers found in the transformer blocks; pass targetModules")
+    return names
+
+
+@dataclass
+class _BaseState:
+    """What attaching LoRA (and gradient checkpointing) may change on the cached model, to put back."""
+
+    attrs: set[str]
+    config: dict[str, Any]
+    training: bool
+
+
+def _snapshot(model: Any) -> _BaseState:
+    return _BaseState(set(vars(model)), dict(vars(model.config)), model.training)
+
+
+def detach_lora(model: Any, peft_model: Any, before: _BaseState) -> None:
+    """Remove every LoRA layer without merging and restore the base model's state exactly."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if peft_model is not None:
+        peft_model.unload()
+    # Whatever peft could not unload (e.g. it failed half-way through injection): swap back by hand.
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    if getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
+    if hasattr(model, "disable_input_require_grads"):
+        model.disable_input_require_grads()
+    for attr in set(vars(model)) - before.attrs:
+        delattr(model, attr)
+    for key in set(vars(model.config)) - set(before.config):
+        delattr(model.config, key)
+    for key, value in before.config.items():
+        if key not in vars(model.config) or vars(model.config)[key] != value:
+            setattr(model.config, key, value)
+    model.requires_grad_(False)
+    model.train(before.training)
+    for p in model.parameters():
+        p.grad = None
+
+
+def attach_lora(model: Any, params: wire.TrainParams, base_path: str) -> Any:
+    """Inject LoRA layers into ``model`` in place and return the PeftModel wrapping it."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = params.target_modules or default_target_modules(model)
+    config = LoraConfig(
+        r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=targets,
+        use_rslora=params.use_rslora, use_dora=params.use_dora, bias="none", task_type="CAUSAL_LM",
+    )
+    try:
+        with warnings.catch_warnings():
+            # peft probes the deprecated `is_gradient_checkpointing`; the FutureWarning is noise.
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, config)
+    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
+        raise errors.InvalidParams(f"Cannot attach LoRA: {exc}", field="targetModules") from None
+    # The adapter must name a base that stock from_pretrained can open (the converted cache for the
+    # embedded model), not whatever name_or_path the cached instance happens to carry.
+    peft_model.peft_config["default"].base_model_name_or_path = base_path
+    return peft_model
+
+
+@contextlib.contextmanager
+def attached_adapter(loaded: Any, adapter_path: Optional[str]) -> Iterator[Any]:
+    """Yield the cached model with the adapter at ``adapter_path`` applied (or the plain base model);
+    on exit the adapter is removed and the base model is exactly as before."""
+    if adapter_path is None:
+        yield loaded.model
+        return
+    adapter_dir = Path(adapter_path).expanduser()
+    if not (adapter_dir / "adapter_config.json").is_file():
+        why = "does not exist" if not adapter_dir.exists() else "has no adapter_config.json"
+        raise errors.AdapterNotFound(f"Adapter {adapter_path} {why}", path=str(adapter_path))
+    from peft import PeftModel
+
+    before = _snapshot(loaded.model)
+    peft_model = None
+    try:
+        try:
+            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
+        except Exception as exc:
+            raise errors.ModelLoadFailed(f"Adapter {adapter_path} cannot be applied to {loaded.name}: "
+                                         f"{type(exc).__name__}: {exc}", path=str(adapter_path)) from exc
+        peft_model.eval()
+        yield peft_model
+    finally:
+        detach_lora(loaded.model, peft_model, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+def supports_selective_logits(lm: Any) -> bool:
+    """True when logits are ``lm_head(decoder(x).last_hidden_state)`` with nothing applied after."""
+    if os.environ.get(FULL_LOGITS_ENV, "").strip() not in ("", "0"):
+        return False
+    prefix = getattr(lm, "base_model_prefix", "")
+    if not prefix or not hasattr(lm, prefix) or lm.get_output_embeddings() is None:
+        return False
+    return all(getattr(lm.config, a, None) in (None, 1, 1.0) for a in _LOGIT_MODIFIERS)
+
+
+def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
+    """Sum of next-token cross-entropy over every label (labels are aligned with input_ids).
+
+    ``selective``: run the decoder only, then apply the LM head at the positions whose next token
+    carries a label. With a 49k vocabulary the head dominates a small model's step, and most
+    positions of a chat (system and user turns) have no label.
+    """
+    import torch.nn.functional as F
+
+    shift_labels = batch.labels[:, 1:]
+    if selective:
+        decoder = getattr(lm, lm.base_model_prefix)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         use_cache=False).last_hidden_state
+        keep = shift_labels != data.IGNORE
+        logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), shift_labels[keep], reduction="sum")
+    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+                           ignore_index=data.IGNORE, reduction="sum")
+
+
+def evaluate(lm: Any, items: list[data.Tokenized], *, batch_size: int, pad_id: int, device: str,
+             selective: bool, should_stop: Callable[[], bool], on_stop: Callable[[], None]) -> float:
+    """Token-weighted mean loss over ``items`` (dropout off, no gradients)."""
+    import torch
+
+    was_training = lm.training
+    lm.eval()
+    total, count = 0.0, 0
+    try:
+        lengths = [len(t.input_ids) for t in items]
+        order = sorted(range(len(items)), key=lengths.__getitem__)
+        with torch.no_grad():
+            for i in range(0, len(order), batch_size):
+                if should_stop():
+                    on_stop()
+                batch = data.collate(items, order[i:i + batch_size], pad_id, device)
+                total += loss_sum(lm, batch, selective=selective).item()
+                count += batch.label_tokens
+    finally:
+        lm.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Progress:
+    """Running figures of one job, turned into wire.Progress and the final metrics."""
+
+    job_id: str
+    report: Callable[[wire.Progress], None]
+    started: float
+    total_steps: int = 0
+    step: int = 0
+    epoch: float = 0.0
+    loss: Optional[float] = None
+    lr: Optional[float] = None
+    validation_loss: Optional[float] = None
+    tokens: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    validation_history: list[dict[str, Any]] = field(default_factory=list)
+
+    def send(self, phase: str, message: Optional[str] = None) -> None:
+        tps = self.tokens / self.train_seconds if self.train_seconds > 0 else None
+        eta = None
+        if self.step and self.total_steps:
+            eta = round(self.train_seconds / self.step * (self.total_steps - self.step), 2)
+        self.report(wire.Progress(
+            job_id=self.job_id, phase=phase, step=self.step, total_steps=self.total_steps,
+            epoch=round(self.epoch, 4), loss=self.loss, learning_rate=self.lr,
+            tokens_per_second=round(tps, 2) if tps is not None else None,
+            elapsed_seconds=round(time.monotonic() - self.started, 3), eta_seconds=eta,
+            validation_loss=self.validation_loss, message=message))
+
+
+def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callable[[wire.Progress], None],
+          should_stop: Callable[[], bool], received_at: float) -> wire.TrainResult:
+    """Train a LoRA adapter on the cached base model and write it atomically (see the module doc).
+
+    ``report`` may be called often (every micro-step); the caller throttles. ``should_stop`` is
+    polled before every micro-batch; when it returns True the job raises RequestCancelled
+    (``data: {jobId, stepsCompleted}``) after removing the LoRA layers and any temporary output.
+    Raises DatasetInvalid, InvalidParams, ModelNotFound, ModelLoadFailed, OutOfMemory,
+    TrainingFailed, OutputExists. In every outcome the cached base model is left as it was.
+    """
+    import torch
+
+    started_wall, started = time.time(), time.monotonic()
+    prog = _Progress(job_id, report, started)
+
+    # -- fail fast: params, dataset structure and output target before any model is loaded --------
+    if params.target_modules is not None and not params.target_modules:
+        raise errors.InvalidParams("targetModules is empty; omit it for the default", field="targetModules")
+    loaded_data = data.load_train_and_validation(params)
+    target = resolve_output_dir(params, job_id, started_wall)
+
+    # -- model ------------------------------------------------------------------------------------
+    loaded = models.get(params.base_model, device=params.device, dtype=params.dtype,
+                        quantize_bits=params.quantize_bits if params.quantize else None,
+                        trust_remote_code=params.trust_remote_code, on_loading=lambda: prog.send("loading"))
+    job_warnings = list(loaded.warnings)
+    fingerprint = loaded.fingerprint()  # before anything is attached
+
+    # -- data -------------------------------------------------------------------------------------
+    prog.send("preparing")
+    tokenizer = loaded.tokenizer
+    train_items, train_stats = data.tokenize(loaded_data.train, tokenizer, loss_on=params.loss_on,
+                                             max_seq_length=params.max_seq_length, metadata=loaded_data.metadata)
+    val_items, val_stats = [], None
+    if loaded_data.validation:
+        val_items, val_stats = data.tokenize(loaded_data.validation, tokenizer, loss_on=params.loss_on,
+                                             max_seq_length=params.max_seq_length,
+                                             metadata=loaded_data.validation_metadata)
+    if train_stats.truncated:
+        job_warnings.append(f"{train_stats.truncated} of {train_stats.examples} training examples were longer than "
+                        f"maxSeqLength {params.max_seq_length} and were truncated.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    lengths = [len(t.input_ids) for t in train_items]
+    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    steps_per_epoch = math.ceil(micro_per_epoch / params.gradient_accumulation)
+    total_steps = params.epochs * steps_per_epoch
+    if params.max_steps is not None:
+        total_steps = min(total_steps, params.max_steps)
+    prog.total_steps = total_steps
+
+    model = loaded.model
+    device = loaded.device
+    before = _snapshot(model)
+    peft_model = None
+    tmp: Optional[Path] = None
+    renamed = False
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+    def cancelled() -> None:
+        raise errors.RequestCancelled(f"Job {job_id} cancelled", jobId=job_id, stepsCompleted=prog.step)
+
+    try:
+        # -- LoRA ---------------------------------------------------------------------------------
+        torch.manual_seed(params.seed)  # LoRA A init and dropout masks
+        peft_model = attach_lora(model, params, loaded.resolved.path)
+        lm = peft_model.get_base_model()
+        if params.gradient_checkpointing:
+            lm.activation_checkpointing_enable({"use_reentrant": False})
+        selective = supports_selective_logits(lm)
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,
+                                      fused=device.startswith("cuda") or None)
+        if should_stop():
+            cancelled()
+
+        # -- training -----------------------------------------------------------------------------
+        prog.send("training")
+        peft_model.train()
+        loss_total, label_total, examples_seen = 0.0, 0, 0
+        micro_done = 0
+        first_step_at: Optional[float] = None
+        train_started = time.monotonic()
+        for epoch in range(params.epochs):
+            batches = data.epoch_batches(lengths, params.batch_size, seed=params.seed, epoch=epoch,
+                                         group_by_length=params.group_by_length)
+            for g in range(0, len(batches), params.gradient_accumulation):
+                if prog.step >= total_steps:
+                    break
+                t_step = time.monotonic()
+                group = batches[g:g + params.gradient_accumulation]
+                lr = params.learning_rate * lr_multiplier(prog.step, total_steps, params.warmup_ratio,
+                                                          params.scheduler)
+                for pg in optimizer.param_groups:
+                    pg["lr"] = lr
+                # Normalise by every label in the optimizer step, not per micro-batch: a short
+                # micro-batch must not weigh as much as a long one.
+                step_labels = sum(train_items[i].trainable for b in group for i in b)
+                step_loss, step_tokens = 0.0, 0
+                for indices in group:
+                    if should_stop():
+                        cancelled()
+                    batch = data.collate(train_items, indices, pad_id, device)
+                    loss = loss_sum(lm, batch, selective=selective)
+                    (loss / step_labels).backward()
+                    step_loss += loss.item()
+                    step_tokens += batch.tokens
+                    examples_seen += batch.examples
+                    micro_done += 1
+                if params.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                prog.step += 1
+                prog.train_seconds += time.monotonic() - t_step
+                prog.tokens += step_tokens
+                prog.epoch = micro_done / micro_per_epoch
+                prog.loss, prog.lr = step_loss / step_labels, lr
+                loss_total += step_loss
+                label_total += step_labels
+                if first_step_at is None:
+                    first_step_at = time.time()
+                prog.history.append({"step": prog.step, "epoch": round(prog.epoch, 4), "loss": prog.loss,
+                                     "learningRate": lr, "tokens": step_tokens, "labelTokens": step_labels})
+                prog.send("training")
+
+            # Here an epoch ended, or maxSteps did: both are evaluation points.
+            if val_items:
+                prog.send("evaluating")
+                prog.validation_loss = evaluate(lm, val_items, batch_size=params.batch_size, pad_id=pad_id,
+                                                device=device, selective=selective, should_stop=should_stop,
+                                                on_stop=cancelled)
+                prog.validation_history.append({"step": prog.step, "epoch": round(prog.epoch, 4),
+                                                "validationLoss": prog.validation_loss})
+                if prog.step < total_steps:
+                    prog.send("training")
+            if prog.step >= total_steps:
+                break
+        training_seconds = time.monotonic() - train_started
+        if should_stop():
+            cancelled()
+
+        # -- saving -------------------------------------------------------------------------------
+        prog.send("saving")
+        peft_model.eval()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f"{target.name}.tmp-{_safe_name(job_id)}")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        adapter_file = tmp / ADAPTER_FILE
+        if not adapter_file.is_file():
+            raise errors.TrainingFailed(f"peft did not write {ADAPTER_FILE}", path=str(tmp))
+
+        metrics = wire.TrainMetrics(
+            train_loss=loss_total / max(label_total, 1),
+            final_loss=prog.loss if prog.loss is not None else float("nan"),
+            validation_loss=prog.validation_loss,
+            epochs=round(prog.epoch, 4),
+            steps=prog.step,
+            training_time=round(training_seconds * 1000),
+            examples_processed=examples_seen,
+            tokens_per_second=round(prog.tokens / prog.train_seconds, 2) if prog.train_seconds else 0.0,
+            trainable_tokens=train_stats.trainable_tokens,
+            truncated_examples=train_stats.truncated,
+            time_to_first_step_ms=round(((first_step_at or time.time()) - received_at) * 1000),
+            load_time_ms=0 if loaded.cached else round(loaded.load_seconds * 1000),
+            model_cached=loaded.cached,
+            peak_memory_mb=_peak_memory_mb(device),
+        )
+        finished_wall = time.time()
+        manifest = _manifest(
+            params=params, job_id=job_id, loaded=loaded, fingerprint=fingerprint, peft_model=peft_model,
+            received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
+            train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
+            adapter_file=adapter_file, selective=selective, target=target,
+        )
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        _check_target_free(target)
+        if target.is_dir():
+            target.rmdir()  # an empty directory the caller created for us
+        os.rename(tmp, target)
+        renamed = True
+        prog.send("saving", message=f"Adapter written to {target}")
+        return wire.TrainResult(job_id=job_id, adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE),
+                                metrics=metrics, warnings=job_warnings)
+    except errors.SidecarError:
+        raise
+    except torch.OutOfMemoryError as exc:
+        raise errors.OutOfMemory(
+            f"Out of memory on {device} while training: reduce batchSize or maxSeqLength, or enable "
+            "gradientCheckpointing", device=device, stepsCompleted=prog.step) from exc
+    except MemoryError as exc:
+        raise errors.OutOfMemory(f"Out of memory while training on {device}: {exc}", device=device,
+                                 stepsCompleted=prog.step) from exc
+    except Exception as exc:
+        log.exception("job %s: training failed", job_id)
+        raise errors.TrainingFailed(f"Training failed: {type(exc).__name__}: {exc}", jobId=job_id,
+                                    stepsCompleted=prog.step) from exc
+    finally:
+        detach_lora(model, peft_model, before)
+        if tmp is not None and not renamed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _library_versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"python": sys.version.split()[0], "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__, "msgspec": msgspec.__version__}
+
+
+def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint: str, peft_model: Any,
+              received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
+              val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
+              warnings: list[str], adapter_file: Path, selective: bool, target: Path) -> dict[str, Any]:
+    from . import PROTOCOL_VERSION
+
+    lora = peft_model.peft_config["default"]
+    hyper = msgspec.to_builtins(msgspec.structs.replace(params, dataset=None, validation_dataset=None))
+    dataset = {"source": params.dataset_path or "inline", **train_stats.to_dict()}
+    validation = None
+    if val_stats is not None:
+        source = params.validation_path or ("inline" if params.validation_dataset else "validationSplit")
+        validation = {"source": source, **val_stats.to_dict()}
+    return {
+        "format": "lora-sidecar.training-manifest/1",
+        "jobId": job_id,
+        "receivedAt": _utc(received_at),
+        "startedAt": _utc(started_wall),
+        "finishedAt": _utc(finished_wall),
+        "sidecar": {"version": __version__, "protocolVersion": PROTOCOL_VERSION},
+        "libraries": _library_versions(),
+        "baseModel": {
+            "name": params.base_model, "kind": loaded.resolved.kind, "path": loaded.resolved.path,
+            "ggufFile": loaded.resolved.gguf_file, "fingerprint": fingerprint, "device": loaded.device,
+            "dtype": str(loaded.dtype).removeprefix("torch."), "quantizeBits": loaded.key[3],
+        },
+        "persona": {"personaId": params.persona_id, "personaName": params.persona_name,
+                    "traitType": params.trait_type, "name": params.name},
+        "hyperparameters": hyper,
+        "lora": {"r": lora.r, "loraAlpha": lora.lora_alpha, "targetModules": sorted(lora.target_modules),
+                 "dropout": lora.lora_dropout, "useRslora": lora.use_rslora, "useDora": lora.use_dora},
+        "dataset": dataset,
+        "validation": validation,
+        "metrics": msgspec.to_builtins(metrics),
+        "lossHistory": prog.history,
+        "validationHistory": prog.validation_history,
+        "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
+                   "gradientCheckpointing": params.gradient_checkpointing},
+        "warnings": warnings,
+        "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": _sha256_file(adapter_file),
+                    "bytes": adapter_file.stat().st_size},
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------
+
+def generate(params: wire.GenerateParams, *, models: Any) -> wire.GenerateResult:
+    """Answer ``messages`` with the warm base model, with the adapter at ``adapterPath`` applied for
+    this call only. Greedy when ``temperature == 0``, else seeded sampling. Returns only new text."""
+    import torch
+    from transformers import GenerationConfig
+
+    if params.adapter_path is not None and not (Path(params.adapter_path).expanduser() / "adapter_config.json").is_file():
+        raise errors.AdapterNotFound(f"Adapter {params.adapter_path} not found (no adapter_config.json there)",
+                                     path=params.adapter_path)
+    loaded = models.get(params.base_model, device=params.device, dtype=params.dtype,
+                        trust_remote_code=params.trust_remote_code)
+    tok = loaded.tokenizer
+    messages = [{"role": m.role, "content": m.content or ""} for m in params.messages]
+    text = data.render_chat(tok, messages, add_generation_prompt=True)
+    enc = tok(text, add_special_tokens=False, return_tensors="pt")
+    input_ids = enc["input_ids"].to(loaded.device)
+    generation = loaded.model.generation_config
+    eos = generation.eos_token_id if generation.eos_token_id is not None else tok.eos_token_id
+    sampling = params.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=params.max_new_tokens, do_sample=sampling,
+        temperature=params.temperature if sampling else None, top_p=None, top_k=None,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos, eos_token_id=eos,
+    )
+    with attached_adapter(loaded, params.adapter_path) as model, torch.random.fork_rng(devices=[]), \
+            torch.no_grad():
+        torch.manual_seed(params.seed)
+        if loaded.device.startswith("cuda"):
+            torch.cuda.manual_seed(params.seed)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             generation_config=config)
+    new = out[0, input_ids.shape[1]:]
+    return wire.GenerateResult(text=tok.decode(new, skip_special_tokens=True), tokens=int(new.numel()),
+                               base_model=params.base_model, adapter_path=params.adapter_path)
