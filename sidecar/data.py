@@ -91,7 +91,7 @@ def load_jsonl(path: str) -> list[Record]:
             example = _example_decoder.decode(line)
         except msgspec.ValidationError as exc:
             text = str(exc)
-            if " - at " not in text:
+            if " - at " not in text and "unknown field" not in text:
                 # msgspec reports a wrong top-level type without a path.
                 raise DatasetInvalid(f"line {lineno} of {path}: not a JSON object ({text})",
                                      source=path, line=lineno, field="$") from None
@@ -106,7 +106,7 @@ def load_jsonl(path: str) -> list[Record]:
 
 
 def _field_from_msgspec(text: str) -> str:
-    path = text.rsplit(" - at ", 1)[1].strip("`")
+    path = text.rsplit(" - at ", 1)[1].strip("`") if " - at " in text else "$"
     if "unknown field `" in text:
         path += "." + text.split("unknown field `", 1)[1].split("`", 1)[0]
     path = path.removeprefix("$").removeprefix(".")
