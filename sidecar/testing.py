@@ -28,7 +28,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = TINY_SEED) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from .models import load_embedded_tokenizer
+    from .models import load_embedded_tokenizer, save_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -52,7 +52,7 @@ def build_tiny_model(out_dir: Path, *, seed: int = TINY_SEED) -> Path:
         model = LlamaForCausalLM(config)
     model.generation_config = GenerationConfig(**ids)
     model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir)
     return out_dir
 
 
