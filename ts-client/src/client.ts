@@ -395,7 +395,6 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
       signal?.addEventListener("abort", onAbort, { once: true });
       this.pending.set(id, entry);
       if (jobId) this.jobs.set(jobId, entry);
-      this.armTimer(id, entry);
       this.updateRef();
 
       this.ensureStarted(extra.internal === true)
@@ -403,6 +402,8 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
           if (done) return;
           const transport = this.transport!;
           sent = true;
+          // The clock starts when the request is on its way: spawning is not the call's time.
+          this.armTimer(entry);
           return transport.send({ jsonrpc: "2.0", id, method, params }).catch((err: Error) => {
             // A write fails when the child is going away; its exit rejects this call with the
             // real cause. Should it somehow stay alive, it cannot be used: stop it.
@@ -414,12 +415,12 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
     });
   }
 
-  private armTimer(id: number, entry: Pending): void {
+  private armTimer(entry: Pending): void {
     if (entry.timeoutMs === undefined) return;
     if (entry.timer) clearTimeout(entry.timer);
     entry.timer = setTimeout(() => {
-      if (!this.pending.has(id)) return;
-      this.cancelOnSidecar(entry.method, id, entry.jobId);
+      if (!this.pending.has(entry.id)) return;
+      this.cancelOnSidecar(entry.method, entry.id, entry.jobId);
       entry.reject(new SidecarTimeoutError(entry.method, entry.timeoutMs!, entry.jobId));
     }, entry.timeoutMs);
     // The timer must not keep the loop alive by itself; the pending call already does (updateRef).
@@ -483,7 +484,7 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
     if (this.listenerCount("progress")) this.emit("progress", progress);
     const entry = progress && this.jobs.get(progress.jobId);
     if (!entry) return;
-    this.armTimer(entry.id, entry);
+    this.armTimer(entry);
     entry.queue?.push(progress);
     if (entry.onProgress) {
       try {

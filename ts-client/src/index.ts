@@ -1,0 +1,34 @@
+export { SidecarClient } from "./client.js";
+export type { CallOptions, Logger, SidecarClientEvents, SidecarClientOptions, TrainJob, TrainOptions } from "./client.js";
+export {
+  ErrorCodes,
+  NOT_BOOTSTRAPPED_EXIT_CODE,
+  NOT_BOOTSTRAPPED_MESSAGE,
+  SidecarCancelledError,
+  SidecarDisposedError,
+  SidecarError,
+  SidecarExitedError,
+  SidecarNotBootstrappedError,
+  SidecarTimeoutError,
+} from "./errors.js";
+export type { ErrorCode, ExitInfo } from "./errors.js";
+export { findRepoRoot, resolveEnvironment, wrapperPath } from "./env.js";
+export type { SidecarEnvironment } from "./env.js";
+export { DEFAULT_MAX_MESSAGE_BYTES, MessageParseError, MessageTooLargeError, ReadBuffer, serializeMessage } from "./framing.js";
+export { StdioTransport } from "./transport.js";
+export type { CloseOptions, TransportOptions } from "./transport.js";
+export { LoRATrainer } from "./trainer.js";
+export type {
+  FineTuningCapabilities,
+  FineTuningStrategy,
+  LoRATrainerOptions,
+  LoRATrainingMetrics,
+  LoRATrainingRequest,
+  LoRATrainingResult,
+  TrainLoRAOptions,
+  TrainingDataset,
+  TrainingExample,
+  TrainingMessage,
+} from "./trainer.js";
+export type * from "./wire.js";
+export { METHOD_NAMES, NOTIFICATION_NAMES } from "./wire.js";
