@@ -773,8 +773,9 @@ def _load(resolved: ResolvedModel, name: str, key: tuple, device: str, dtype: to
         hint = ""
         if resolved.kind == "hub":
             hint = (" The model is not in the local Hugging Face cache and could not be downloaded; "
-                    "download it on a connected machine or pass a local directory.")
-        raise errors.ModelLoadFailed(f"Could not load model {name!r} from {where}: {text}.{hint}",
+                    "download it on a connected machine or pass a local directory (set HF_HUB_OFFLINE=1 "
+                    "to skip download attempts).")
+        raise errors.ModelLoadFailed(f"Could not load model {name!r} from {where}: {text.rstrip('.')}.{hint}",
                                      name=name, path=resolved.path, kind=resolved.kind, cause=text) from exc
 
     warnings.extend(_ensure_pad_and_template(tokenizer))
