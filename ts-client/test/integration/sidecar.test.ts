@@ -1,0 +1,151 @@
+/**
+ * SidecarClient against the REAL sidecar (bootstrap/train-wrapper.sh -m sidecar) and a tiny
+ * model: one warm process serves the tests in order, as an application would use it.
+ */
+
+import assert from "node:assert/strict";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+
+import { SidecarClient } from "../../src/client.js";
+import { SidecarCancelledError, SidecarError, SidecarExitedError } from "../../src/errors.js";
+import type { Progress, TrainParams } from "../../src/wire.js";
+import { PHASE_ORDER, chatExamples, requireEnvironment, tempDir, tinyModel } from "./helpers.js";
+
+describe("SidecarClient with the real sidecar", () => {
+  let model: string;
+  let out: string;
+  let client: SidecarClient;
+  const stderr: string[] = [];
+
+  before(() => {
+    requireEnvironment();
+    model = tinyModel();
+    out = tempDir("sidecar");
+    client = new SidecarClient({ autoRestart: true, onStderr: (l) => stderr.push(l) });
+  });
+
+  after(async () => {
+    const info = await client.dispose();
+    assert.equal(info?.code, 0, `graceful dispose exits 0; stderr tail:\n${client.stderrTail()}`);
+  });
+
+  function params(extra: Partial<TrainParams>): TrainParams {
+    return {
+      baseModel: model,
+      dataset: { examples: chatExamples(6) },
+      batchSize: 2,
+      maxSeqLength: 64,
+      progressInterval: 0,
+      ...extra,
+    };
+  }
+
+  it("supports: the tiny model resolves and fine-tuning is supported", async () => {
+    const s = await client.supports({ baseModel: model });
+    assert.equal(s.supportsFineTuning, true, s.reason ?? "");
+    assert.equal(s.model?.resolvable, true);
+    assert.equal(s.model?.kind, "directory");
+    assert.ok(s.methods.includes("train"));
+    assert.ok(stderr.some((l) => l.includes("ready")), "the sidecar's log lines reach onStderr");
+  });
+
+  it("train: progress arrives in order, then the adapter files exist where the result says", async () => {
+    const progress: Progress[] = [];
+    const outputPath = join(out, "first");
+    const job = client.startTrain(params({ maxSteps: 3, outputPath }), { onProgress: (p) => progress.push(p) });
+    const iterated: Progress[] = [];
+    for await (const p of job.progress) iterated.push(p);
+    const result = await job.result;
+
+    assert.equal(result.status, "completed");
+    assert.equal(result.jobId, job.jobId);
+    assert.deepEqual(iterated, progress, "the iterator and the callback see the same sequence");
+    assert.ok(progress.length >= 4, `${progress.length} progress notifications`);
+    assert.ok(progress.every((p) => p.jobId === job.jobId));
+    const ranks = progress.map((p) => PHASE_ORDER.indexOf(p.phase));
+    assert.deepEqual(ranks, [...ranks].sort((a, b) => a - b), `phases in order: ${progress.map((p) => p.phase)}`);
+    const steps = progress.map((p) => p.step);
+    assert.deepEqual(steps, [...steps].sort((a, b) => a - b), `steps never go back: ${steps}`);
+    assert.ok(progress.some((p) => p.phase === "training" && p.step > 0 && typeof p.loss === "number"));
+    assert.equal(progress.at(-1)!.phase, "completed");
+    assert.equal(result.metrics.steps, 3);
+
+    assert.ok(existsSync(join(result.adapterPath, "adapter_config.json")), "adapter_config.json");
+    assert.ok(existsSync(join(result.adapterPath, "adapter_model.safetensors")), "adapter_model.safetensors");
+    assert.ok(existsSync(result.manifestPath));
+    assert.equal(typeof JSON.parse(readFileSync(result.manifestPath, "utf8")), "object");
+  });
+
+  it("generate: the trained adapter answers", async () => {
+    const r = await client.generate({
+      baseModel: model,
+      adapterPath: join(out, "first"),
+      messages: [{ role: "user", content: "What is 2 plus one?" }],
+      maxNewTokens: 4,
+    });
+    assert.equal(typeof r.text, "string");
+    assert.ok(r.tokens > 0 && r.tokens <= 4);
+  });
+
+  it("abort mid-training rejects as cancelled, and the next train succeeds", async () => {
+    const ac = new AbortController();
+    const outputPath = join(out, "aborted");
+    let abortedAt = 0;
+    const pending = client.train(params({ maxSteps: 500, outputPath }), {
+      signal: ac.signal,
+      onProgress: (p) => {
+        if (p.phase === "training" && p.step >= 1 && !abortedAt) {
+          abortedAt = Date.now();
+          ac.abort();
+        }
+      },
+    });
+    const err = await pending.catch((e) => e);
+    assert.ok(err instanceof SidecarCancelledError, String(err));
+    assert.equal(err.code, -32800);
+    assert.ok(Date.now() - abortedAt < 1000, "the caller is released at once");
+
+    // The sidecar really stops the job: the next one runs to completion after it.
+    const next = await client.train(params({ maxSteps: 2, outputPath: join(out, "after-abort") }));
+    assert.equal(next.status, "completed");
+    assert.ok(existsSync(join(next.adapterPath, "adapter_model.safetensors")));
+    const status = await client.status();
+    const aborted = status.recent.find((j) => j.state === "cancelled");
+    assert.ok(aborted, `the aborted job is recorded as cancelled: ${JSON.stringify(status.recent)}`);
+    assert.equal(existsSync(join(outputPath, "adapter_model.safetensors")), false, "a cancelled job leaves no adapter");
+  });
+
+  it("a bad request (rank as a string) is a SidecarError -32602 naming the field", async () => {
+    const bad = { ...params({ maxSteps: 1 }), rank: "8" } as unknown as TrainParams;
+    const err = await client.train(bad).catch((e) => e);
+    assert.ok(err instanceof SidecarError, String(err));
+    assert.equal(err.code, -32602);
+    assert.equal(err.field, "$.rank");
+    assert.match(err.message, /rank/);
+  });
+
+  it("kill -9 of the child mid-job rejects the pending call with SidecarExitedError within a second; the next call restarts it", async () => {
+    const pid = client.pid!;
+    assert.ok(pid > 0);
+    let killedAt = 0;
+    const pending = client.train(params({ maxSteps: 500, outputPath: join(out, "killed") }), {
+      onProgress: (p) => {
+        if (p.phase === "training" && !killedAt) {
+          killedAt = Date.now();
+          process.kill(pid, "SIGKILL");
+        }
+      },
+    });
+    const err = await pending.catch((e) => e);
+    const latency = Date.now() - killedAt;
+    assert.ok(err instanceof SidecarExitedError, String(err));
+    assert.equal(err.signal, "SIGKILL");
+    assert.ok(latency < 1000, `rejected ${latency} ms after the kill`);
+
+    const s = await client.supports();
+    assert.equal(s.supportsFineTuning, true);
+    assert.notEqual(client.pid, pid, "a fresh sidecar serves the next call");
+  });
+});
