@@ -1,0 +1,90 @@
+"""The lever table: each engine lever switched off (or on) alone, against the engine's defaults.
+
+Runs in one child process (``python -m bench.levers CONFIG OUT``): a short warm-up job loads the
+model, then every row is one full ``engine.train`` job on the benchmark dataset. The reference row
+runs first and again last, so the table shows how much two identical runs differ (machine noise).
+
+Levers:
+- selective logits: the LM head only where labels exist (``LORA_SIDECAR_FULL_LOGITS=1`` turns it off)
+- length grouping: ``groupByLength`` batches similar lengths together (less padding)
+- gradient checkpointing: off by default (recomputes the forward during backward when on)
+- threads: the configured thread count against 1 thread
+- bf16: ``dtype`` "bfloat16" on a CPU without native bf16 (what TRL's bf16 default costs); about
+  10× slower, so it and its fp32 reference run only the first few steps
+- all off: full logits + no grouping + checkpointing, the stock-Hugging-Face-like loop
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .common import JobSettings, write_json
+from .inproc import env_var, torch_threads, train_once
+
+FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+BF16_STEPS = 3
+
+
+def rows(settings: JobSettings) -> list[dict[str, Any]]:
+    """(name, lever, change, env, threads, steps) of every measured run, in run order."""
+    t = settings.threads
+    few = min(BF16_STEPS, settings.max_steps or BF16_STEPS)
+    r: list[dict[str, Any]] = [
+        {"name": "reference", "lever": "engine defaults", "change": {}},
+        {"name": "full_logits", "lever": "selective logits", "change": {}, "env": {FULL_LOGITS_ENV: "1"}},
+        {"name": "no_grouping", "lever": "length grouping", "change": {"groupByLength": False}},
+        {"name": "checkpointing_on", "lever": "gradient checkpointing", "change": {"gradientCheckpointing": True}},
+    ]
+    if t > 1:
+        r.append({"name": "threads_1", "lever": f"threads ({t} → 1)", "change": {}, "threads": 1})
+    r += [
+        {"name": "all_off", "lever": "all of the above off (stock HF-like loop)",
+         "change": {"groupByLength": False, "gradientCheckpointing": True}, "env": {FULL_LOGITS_ENV: "1"}},
+        {"name": "reference_fp32_few", "lever": f"fp32, first {few} steps (reference for bf16)", "change": {},
+         "steps": few},
+        {"name": "bf16", "lever": f"bf16 weights/compute, first {few} steps", "change": {"dtype": "bfloat16"},
+         "steps": few},
+        {"name": "reference_repeat", "lever": "engine defaults, run again (noise)", "change": {}},
+    ]
+    return r
+
+
+def run_levers(settings: JobSettings, workdir: Path) -> dict[str, Any]:
+    from sidecar.models import ModelCache
+
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    models = ModelCache(max_models=2)
+    base = settings.train_params("unused")
+    base.pop("outputPath")
+    train_once({**base, "maxSteps": 2}, models, workdir, "lever-warmup")
+    out = []
+    for row in rows(settings):
+        params = dict(base, **row["change"])
+        steps = row.get("steps") or settings.max_steps
+        if steps is not None:
+            params["maxSteps"] = steps
+        envs = row.get("env", {})
+        with env_var(FULL_LOGITS_ENV, envs.get(FULL_LOGITS_ENV)), torch_threads(row.get("threads", settings.threads)):
+            print(f"lever run {row['name']} ...", file=sys.stderr, flush=True)
+            r = train_once(params, models, workdir, f"lever-{row['name']}")
+        out.append({**row, **r, "threads": row.get("threads", settings.threads)})
+        print(f"  {row['name']}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    by = {r["name"]: r for r in out}
+    ref = (by["reference"]["tokens_per_s"] + by["reference_repeat"]["tokens_per_s"]) / 2
+    for r in out:
+        denom = by["reference_fp32_few"]["tokens_per_s"] if r["name"] == "bf16" else ref
+        r["speedup_of_lever"] = denom / r["tokens_per_s"] if r["tokens_per_s"] else None
+    return {"reference_tokens_per_s": ref,
+            "noise": abs(by["reference"]["tokens_per_s"] - by["reference_repeat"]["tokens_per_s"]) / ref,
+            "rows": out}
+
+
+if __name__ == "__main__":
+    cfg = json.loads(Path(sys.argv[1]).read_text())
+    settings = JobSettings.from_dict(cfg["settings"])
+    write_json(Path(sys.argv[2]), run_levers(settings, Path(cfg["workdir"])))

@@ -1,0 +1,97 @@
+"""Scaling: tokens/s and peak memory against sequence length and LoRA rank.
+
+Every configuration runs in a fresh process (``python -m bench.scaling CONFIG OUT``), so its peak
+RSS is its own. A configuration trains on synthetic chat examples of exactly ``length`` tokens
+(``bench.dataset.synthetic_examples``) with the engine's defaults: a one-step warm-up job with the
+same shapes, then the measured job of ``steps`` optimizer steps at batch 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .common import JobSettings, tail, thread_env, write_json
+
+LENGTHS = (128, 256, 512, 1024)
+RANKS = (8, 16, 32, 64)
+RANK_SWEEP_LENGTH = 256
+
+
+def configs(settings: JobSettings) -> list[dict[str, Any]]:
+    out = [{"sweep": "length", "length": n, "rank": settings.rank} for n in LENGTHS]
+    out += [{"sweep": "rank", "length": RANK_SWEEP_LENGTH, "rank": r} for r in RANKS]
+    return out
+
+
+def run_scaling(settings: JobSettings, model_path: str, workdir: Path, *, steps: int,
+                timeout: float = 3600) -> list[dict[str, Any]]:
+    results = []
+    for cfg in configs(settings):
+        name = f"{cfg['sweep']}-L{cfg['length']}-r{cfg['rank']}"
+        d = workdir / name
+        d.mkdir(parents=True, exist_ok=True)
+        config_path, out_path, log_path = d / "config.json", d / "result.json", d / "child.log"
+        write_json(config_path, {"settings": settings.to_dict(), "model_path": model_path, "workdir": str(d),
+                                 "steps": steps, **cfg})
+        print(f"scaling {name} ...", file=sys.stderr, flush=True)
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "bench.scaling", str(config_path), str(out_path)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=thread_env(settings.threads))
+            deadline = time.monotonic() + timeout
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                if time.monotonic() > deadline:
+                    proc.kill()
+                    os.wait4(proc.pid, 0)
+                    raise RuntimeError(f"scaling run {name} exceeded {timeout:.0f} s; log {log_path}")
+                time.sleep(0.05)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 or not out_path.is_file():
+            raise RuntimeError(f"scaling run {name} failed (exit {code}); log {log_path}:\n{tail(log_path)}")
+        r = json.loads(out_path.read_text())
+        r.update(cfg)
+        r["peak_rss_mb"] = usage.ru_maxrss / 1024
+        results.append(r)
+        print(f"  {name}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MiB",
+              file=sys.stderr, flush=True)
+    return results
+
+
+def _child(cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from sidecar.models import ModelCache
+    from transformers import AutoTokenizer
+
+    from .dataset import synthetic_examples
+    from .inproc import train_once
+
+    settings = JobSettings.from_dict(cfg["settings"])
+    torch.set_num_threads(settings.threads)
+    workdir = Path(cfg["workdir"])
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_path"])
+    examples = synthetic_examples(tokenizer, cfg["length"], settings.batch_size * cfg["steps"])
+    data_path = workdir / "data.jsonl"
+    data_path.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    params = settings.with_(dataset_path=str(data_path), rank=cfg["rank"], max_steps=None).train_params("unused")
+    params.pop("outputPath")
+    models = ModelCache(max_models=1)
+    train_once({**params, "maxSteps": 1}, models, workdir, "warmup")
+    r = train_once(params, models, workdir, "measured")
+    r["self_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return r
+
+
+if __name__ == "__main__":
+    config = json.loads(Path(sys.argv[1]).read_text())
+    write_json(Path(sys.argv[2]), _child(config))
