@@ -87,7 +87,10 @@ export interface CallOptions {
 export interface TrainOptions extends CallOptions {
   /** Each progress notification of this job, in order. Exceptions thrown here are logged, not raised. */
   onProgress?: (progress: Progress) => void;
-  /** For `train`, `timeoutMs` counts from the latest progress notification (idle timeout). */
+  /**
+   * For `train`, an idle timeout: it counts from the latest progress notification (of this job, or
+   * of the job it waits behind), not from the start.
+   */
   timeoutMs?: number;
 }
 
@@ -482,9 +485,11 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
 
   private onProgress(progress: Progress): void {
     if (this.listenerCount("progress")) this.emit("progress", progress);
+    // Any job's progress shows the sidecar is working, so every pending train call's idle clock
+    // restarts: a job queued behind another gets no progress of its own until it starts.
+    for (const job of this.jobs.values()) if (job.timer) this.armTimer(job);
     const entry = progress && this.jobs.get(progress.jobId);
     if (!entry) return;
-    this.armTimer(entry);
     entry.queue?.push(progress);
     if (entry.onProgress) {
       try {

@@ -163,6 +163,18 @@ describe("SidecarClient (fake sidecar)", () => {
     assert.equal(received.filter((m: string) => m === "cancel").length, 1);
   });
 
+  it("a job queued behind a progressing one does not time out while the other makes progress", async () => {
+    const c = fake();
+    await c.supports();
+    const t0 = Date.now();
+    const queued = c.train({ name: "queued" } as TrainParams, { timeoutMs: 250 }).catch((e) => e);
+    const running = await c.train({ maxSteps: 10, seed: 60 } as TrainParams);
+    assert.equal(running.status, "completed");
+    const err = await queued;
+    assert.ok(err instanceof SidecarTimeoutError);
+    assert.ok(Date.now() - t0 >= 600, "it timed out only after the other job stopped reporting");
+  });
+
   it("rejects every pending call at once with SidecarExitedError when the child dies", async () => {
     const c = fake();
     await c.start();
