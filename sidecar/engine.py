@@ -218,7 +218,9 @@ def attached_adapter(loaded: Any, adapter_path: Optional[str]) -> Iterator[Any]:
     peft_model = None
     try:
         try:
-            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # see attach_lora
+                peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
         except Exception as exc:
             raise errors.ModelLoadFailed(f"Adapter {adapter_path} cannot be applied to {loaded.name}: "
                                          f"{type(exc).__name__}: {exc}", path=str(adapter_path)) from exc
