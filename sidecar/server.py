@@ -158,8 +158,9 @@ class Server:
             resolved = models.resolve_model(name, convert=False)
         except errors.SidecarError as exc:
             return wire.ModelCheck(name=name, resolvable=False, error=exc.message)
-        return wire.ModelCheck(name=name, resolvable=True, kind=resolved.kind, path=resolved.path,
-                               loaded=any(name == m or resolved.path == m for m in self._loaded()))
+        entries = self._models.entries() if self._models is not None else []
+        return wire.ModelCheck(name=name, resolvable=True, kind=resolved.description, path=resolved.path,
+                               loaded=any(e.resolved.path == resolved.path for e in entries))
 
     def train(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.TrainParams)

@@ -252,7 +252,7 @@ class ModelCheck(Wire, kw_only=True):
     name: str
     resolvable: bool
     kind: Optional[str] = None
-    """``embedded``, ``directory``, ``gguf`` or ``hub-cache``."""
+    """``embedded`` (or ``embedded (not converted yet)``), ``directory``, ``gguf``, ``hub-cache`` or ``hub``."""
     path: Optional[str] = None
     loaded: bool = False
     error: Optional[str] = None
