@@ -280,11 +280,11 @@ if [ "$force" = 0 ] && [ -f "$marker" ] && python_ok "$py"; then
   fi
 fi
 
+[ "$force" = 1 ] && ensure_deletable "--force"
 # From here on the environment is being changed: it is untrusted until the marker is written again.
 rm -f "$marker"
 
 if [ "$force" = 1 ] && [ -e "$env_dir" ]; then
-  ensure_deletable "--force"
   say "--force: deleting $env_dir"
   rm -rf "$env_dir"
 fi
