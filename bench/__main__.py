@@ -33,6 +33,8 @@ TARGETS = {
     "speedup": "sidecar tokens/s ≥ 3 × baseline tokens/s",
     "limit_fraction": "sidecar model FLOP/s ≥ 0.70 × measured fp32 matmul peak",
     "first_step_abs": "second job: request → first step completed ≤ 0.5 s",
+    "training_start_abs": "(info) second job: request → training begins, the first step's own compute "
+                          "excluded ≤ 0.5 s",
     "first_step_ratio": "baseline launch → first step ≥ 10 × sidecar request → first step",
     "peak_rss": "sidecar peak RSS ≤ baseline peak RSS",
     "loss": f"sidecar adapter loss ≤ baseline adapter loss + {LOSS_TOLERANCE} (same tokens, same scorer)",
@@ -177,6 +179,8 @@ def check_targets(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
                             None if "limit_fraction" not in r else r["limit_fraction"] >= 0.70),
         "first_step_abs": t("first_step_abs", s and s["request_to_first_step_s"],
                             None if not s else s["request_to_first_step_s"] <= 0.5),
+        "training_start_abs": t("training_start_abs", s and s["measured_job"]["request_to_training_start_s"],
+                                None if not s else s["measured_job"]["request_to_training_start_s"] <= 0.5),
         "first_step_ratio": t("first_step_ratio", r.get("first_step_ratio"),
                               None if "first_step_ratio" not in r else r["first_step_ratio"] >= 10),
         "peak_rss": t("peak_rss", r.get("peak_rss_ratio"),
@@ -265,7 +269,7 @@ def print_report(res: dict[str, Any], out=sys.stdout) -> None:
     if sc:
         w("\nscaling (fresh process per row):\n")
         for row in sc:
-            w(f"  {row['sweep']:7} length {row['length']:5} rank {row['rank']:3}: {row['tokens_per_s']:8.1f} tokens/s, "
+            w(f"  {row['sweep'] + ' sweep':12} length {row['length']:5}  rank {row['rank']:3}: {row['tokens_per_s']:8.1f} tokens/s, "
               f"peak RSS {row['peak_rss_mb']:6.0f} MiB\n")
     w(f"\nJSON: {res['out']}\n")
 

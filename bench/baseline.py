@@ -190,11 +190,32 @@ def _child(config_path: str, out_path: str) -> None:
         "adapter_dir": str(Path(cfg["output_dir"]) / "adapter"),
         "self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "torch_threads": torch.get_num_threads(),
+        # What TRL actually ran with, read back from the trainer (not from our request).
+        "effective": {"bf16": trainer.args.bf16, "fp16": trainer.args.fp16,
+                      "model_dtype": str(trainer.model.dtype).removeprefix("torch."),
+                      "gradient_checkpointing": _checkpointing_on(trainer.model),
+                      "optim": _enum(trainer.args.optim), "lr_scheduler": _enum(trainer.args.lr_scheduler_type),
+                      "warmup_steps": trainer.args.get_warmup_steps(trainer.state.max_steps),
+                      "assistant_only_loss": trainer.args.assistant_only_loss, "packing": trainer.args.packing,
+                      "learning_rates": [h["learning_rate"] for h in trainer.state.log_history
+                                         if "learning_rate" in h]},
         "versions": _versions(),
         "step_log": steps,
         "timestamps": ts,
     }
     write_json(Path(out_path), result)
+
+
+def _enum(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+def _checkpointing_on(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5 renamed it
+        if hasattr(type(base), name):
+            return bool(getattr(base, name))
+    return False
 
 
 def _versions() -> dict[str, str]:
