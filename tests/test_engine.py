@@ -4,6 +4,7 @@ cached base model left exactly as it was after completed, failed and cancelled j
 from __future__ import annotations
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -488,3 +489,25 @@ def test_compat_errors_exit_1_with_message(tiny_model_dir, tmp_path, capsys):
     cfg.write_text("{not json")
     assert compat.run_config(str(cfg), str(tmp_path / "out")) == 1
     assert "not valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [
+    {"use_dora": True, "use_rslora": True},
+    {"gradient_checkpointing": True, "target_modules": ["q_proj", "v_proj"]},
+])
+def test_lora_options_train_and_leave_the_base_as_it_was(tiny_model_dir, cache, tmp_path, options):
+    before = base_state(cache, tiny_model_dir)
+    result, _ = run(params(tiny_model_dir, tmp_path / "a", max_steps=2, **options), cache)
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["use_dora"] == options.get("use_dora", False) and cfg["use_rslora"] == options.get("use_rslora", False)
+    assert sorted(cfg["target_modules"]) == sorted(options.get("target_modules", cfg["target_modules"]))
+    assert result.metrics.steps == 2 and math.isfinite(result.metrics.final_loss)
+    assert base_state(cache, tiny_model_dir) == before
+
+
+def test_unknown_target_module_is_invalid_params(tiny_model_dir, cache, tmp_path):
+    before = base_state(cache, tiny_model_dir)
+    with pytest.raises(errors.InvalidParams) as ei:
+        run(params(tiny_model_dir, tmp_path / "a", target_modules=["no_such_proj"]), cache)
+    assert ei.value.data["field"] == "targetModules"
+    assert base_state(cache, tiny_model_dir) == before and leftovers(tmp_path / "a") == []
