@@ -162,8 +162,11 @@ def detach_lora(model: Any, peft_model: Any, before: _BaseState) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.get_base_layer())
-    if getattr(model, "is_activation_checkpointing", False):
-        model.activation_checkpointing_disable()
+    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        model.gradient_checkpointing_disable()
     if hasattr(model, "disable_input_require_grads"):
         model.disable_input_require_grads()
     for attr in set(vars(model)) - before.attrs:
@@ -339,6 +342,9 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     started_wall, started = time.time(), time.monotonic()
     prog = _Progress(job_id, report, started)
 
+    def cancelled() -> None:
+        raise errors.RequestCancelled(f"Job {job_id} cancelled", jobId=job_id, stepsCompleted=prog.step)
+
     # -- fail fast: params, dataset structure and output target before any model is loaded --------
     if params.target_modules is not None and not params.target_modules:
         raise errors.InvalidParams("targetModules is empty; omit it for the default", field="targetModules")
@@ -349,6 +355,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     loaded = models.get(params.base_model, device=params.device, dtype=params.dtype,
                         quantize_bits=params.quantize_bits if params.quantize else None,
                         trust_remote_code=params.trust_remote_code, on_loading=lambda: prog.send("loading"))
+    if should_stop():  # a load can take a while; do not start preparing a cancelled job
+        cancelled()
     job_warnings = list(loaded.warnings)
     fingerprint = loaded.fingerprint()  # before anything is attached
 
@@ -363,8 +371,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                                              max_seq_length=params.max_seq_length,
                                              metadata=loaded_data.validation_metadata)
     if train_stats.truncated:
-        job_warnings.append(f"{train_stats.truncated} of {train_stats.examples} training examples were longer than "
-                        f"maxSeqLength {params.max_seq_length} and were truncated.")
+        job_warnings.append(f"{train_stats.truncated} of {train_stats.examples} training examples were longer "
+                            f"than maxSeqLength {params.max_seq_length} and were truncated.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lengths = [len(t.input_ids) for t in train_items]
     micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
@@ -383,16 +391,16 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    def cancelled() -> None:
-        raise errors.RequestCancelled(f"Job {job_id} cancelled", jobId=job_id, stepsCompleted=prog.step)
-
     try:
         # -- LoRA ---------------------------------------------------------------------------------
         torch.manual_seed(params.seed)  # LoRA A init and dropout masks
         peft_model = attach_lora(model, params, loaded.resolved.path)
         lm = peft_model.get_base_model()
         if params.gradient_checkpointing:
-            lm.activation_checkpointing_enable({"use_reentrant": False})
+            if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5
+                lm.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         selective = supports_selective_logits(lm)
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,

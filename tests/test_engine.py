@@ -259,15 +259,15 @@ def test_failure_while_saving_removes_the_temp_dir(tiny_model_dir, cache, tmp_pa
     assert base_state(cache, tiny_model_dir) == before
 
 
-@pytest.mark.parametrize("polls", [0, 3])
+@pytest.mark.parametrize("polls", [0, 1, 4])
 def test_cancelled_job_leaves_base_model_and_no_output(tiny_model_dir, cache, tmp_path, polls):
     out = tmp_path / "adapter"
     before = base_state(cache, tiny_model_dir)
     rec = Recorder(stop_after_polls=polls)
     with pytest.raises(errors.RequestCancelled) as ei:
         run(params(tiny_model_dir, out), cache, rec, job_id="job-cancel")
-    # One poll before training starts, then one per micro-batch (one micro-batch per step here).
-    assert ei.value.data == {"jobId": "job-cancel", "stepsCompleted": max(0, polls - 1)}
+    # Polls after loading and before training, then one per micro-batch (one per step here).
+    assert ei.value.data == {"jobId": "job-cancel", "stepsCompleted": max(0, polls - 2)}
     assert ei.value.message == "Job job-cancel cancelled"
     assert base_state(cache, tiny_model_dir) == before
     assert leftovers(out) == []
