@@ -377,9 +377,12 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     lengths = [len(t.input_ids) for t in train_items]
     micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / params.gradient_accumulation)
-    total_steps = params.epochs * steps_per_epoch
+    # maxSteps, when given, is the number of optimizer steps (Hugging Face semantics: it overrides
+    # epochs, repeating the data as often as needed); otherwise epochs decide.
     if params.max_steps is not None:
-        total_steps = min(total_steps, params.max_steps)
+        total_steps, n_epochs = params.max_steps, math.ceil(params.max_steps / steps_per_epoch)
+    else:
+        total_steps, n_epochs = params.epochs * steps_per_epoch, params.epochs
     prog.total_steps = total_steps
 
     model = loaded.model
@@ -415,7 +418,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         micro_done = 0
         first_step_at: Optional[float] = None
         train_started = time.monotonic()
-        for epoch in range(params.epochs):
+        for epoch in range(n_epochs):
             batches = data.epoch_batches(lengths, params.batch_size, seed=params.seed, epoch=epoch,
                                          group_by_length=params.group_by_length)
             for g in range(0, len(batches), params.gradient_accumulation):
@@ -459,17 +462,20 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                                      "learningRate": lr, "tokens": step_tokens, "labelTokens": step_labels})
                 prog.send("training")
 
-            # Here an epoch ended, or maxSteps did: both are evaluation points.
-            if val_items:
+            # Here an epoch ended, or maxSteps did: both are evaluation points, but when maxSteps
+            # repeats a tiny dataset many times, evaluate at most about ten times in the run.
+            finished = prog.step >= total_steps
+            since_eval = prog.step - (prog.validation_history[-1]["step"] if prog.validation_history else 0)
+            if val_items and (finished or since_eval >= math.ceil(total_steps / 10)):
                 prog.send("evaluating")
                 prog.validation_loss = evaluate(lm, val_items, batch_size=params.batch_size, pad_id=pad_id,
                                                 device=device, selective=selective, should_stop=should_stop,
                                                 on_stop=cancelled)
                 prog.validation_history.append({"step": prog.step, "epoch": round(prog.epoch, 4),
                                                 "validationLoss": prog.validation_loss})
-                if prog.step < total_steps:
+                if not finished:
                     prog.send("training")
-            if prog.step >= total_steps:
+            if finished:
                 break
         training_seconds = time.monotonic() - train_started
         if should_stop():

@@ -511,3 +511,20 @@ def test_unknown_target_module_is_invalid_params(tiny_model_dir, cache, tmp_path
         run(params(tiny_model_dir, tmp_path / "a", target_modules=["no_such_proj"]), cache)
     assert ei.value.data["field"] == "targetModules"
     assert base_state(cache, tiny_model_dir) == before and leftovers(tmp_path / "a") == []
+
+
+def test_max_steps_sets_the_number_of_steps_repeating_the_data(tiny_model_dir, cache, tmp_path):
+    one = wire.Dataset(examples=[EXAMPLES[0]])
+    result, rec = run(params(tiny_model_dir, tmp_path / "a", dataset=one, epochs=1, max_steps=5), cache)
+    assert result.metrics.steps == 5 and result.metrics.epochs == 5.0 and result.metrics.examples_processed == 5
+    result, _ = run(params(tiny_model_dir, tmp_path / "b", epochs=3, max_steps=2), cache)
+    assert result.metrics.steps == 2 and result.metrics.epochs == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_validation_runs_at_epoch_ends_at_most_about_ten_times(tiny_model_dir, cache, tmp_path):
+    one = wire.Dataset(examples=[EXAMPLES[0]])
+    val = wire.Dataset(examples=[EXAMPLES[1]])
+    result, _ = run(params(tiny_model_dir, tmp_path / "a", dataset=one, validation_dataset=val, max_steps=25), cache)
+    hist = json.loads(Path(result.manifest_path).read_text())["validationHistory"]
+    assert [h["step"] for h in hist] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
+    assert result.metrics.validation_loss == hist[-1]["validationLoss"]
