@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where adapters and logs go (default: a temp dir, removed "
                    "after a successful run)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed per job")
+    p.add_argument("--report", type=Path, metavar="JSON",
+                   help="print the table of an earlier run's JSON again (ratios recomputed), run nothing")
     return p.parse_args(argv)
 
 
@@ -293,6 +295,12 @@ def _child_json(module: str, config: dict[str, Any], workdir: Path, name: str, t
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.report:
+        res = json.loads(args.report.read_text())
+        res["ratios"] = compute_ratios(res)
+        res["targets"] = check_targets(res)
+        print_report(res)
+        return 0
     import torch
 
     from sidecar.models import resolve_model
@@ -381,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
 
             say("scaling: fresh process per configuration")
             res["scaling"] = scaling.run_scaling(settings, resolved.path, workdir / "scaling",
-                                                 steps=1 if args.quick else 2, timeout=args.timeout)
+                                                 steps=1 if args.quick else 2, quick=args.quick,
+                                                 timeout=args.timeout)
             write_json(out, res)
 
     except (Exception, KeyboardInterrupt) as exc:
@@ -389,6 +398,13 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, res)
         say(f"FAILED: {res['error']}")
         say(f"partial results: {out}; logs and adapters kept in {workdir}")
+        try:  # whatever was measured before the failure is still worth a table
+            res["ratios"] = compute_ratios(res)
+            res["targets"] = check_targets(res)
+            write_json(out, res)
+            print_report(res)
+        except Exception as report_exc:  # noqa: BLE001 - the failure above is the one to report
+            say(f"(no table: {type(report_exc).__name__}: {report_exc})")
         return 1
 
     res["load_average"]["end"] = load_average()

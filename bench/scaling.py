@@ -24,16 +24,18 @@ RANKS = (8, 16, 32, 64)
 RANK_SWEEP_LENGTH = 256
 
 
-def configs(settings: JobSettings) -> list[dict[str, Any]]:
-    out = [{"sweep": "length", "length": n, "rank": settings.rank} for n in LENGTHS]
-    out += [{"sweep": "rank", "length": RANK_SWEEP_LENGTH, "rank": r} for r in RANKS]
+def configs(settings: JobSettings, *, quick: bool = False) -> list[dict[str, Any]]:
+    """Every configuration; ``quick`` (smoke test) keeps only the two smallest of each sweep."""
+    lengths, ranks, rank_length = (LENGTHS[:2], RANKS[:2], LENGTHS[0]) if quick else (LENGTHS, RANKS, RANK_SWEEP_LENGTH)
+    out = [{"sweep": "length", "length": n, "rank": settings.rank} for n in lengths]
+    out += [{"sweep": "rank", "length": rank_length, "rank": r} for r in ranks]
     return out
 
 
-def run_scaling(settings: JobSettings, model_path: str, workdir: Path, *, steps: int,
+def run_scaling(settings: JobSettings, model_path: str, workdir: Path, *, steps: int, quick: bool = False,
                 timeout: float = 3600) -> list[dict[str, Any]]:
     results = []
-    for cfg in configs(settings):
+    for cfg in configs(settings, quick=quick):
         name = f"{cfg['sweep']}-L{cfg['length']}-r{cfg['rank']}"
         d = workdir / name
         d.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,8 @@ def run(settings: JobSettings, workdir: Path, *, timeout: float = 7200,
         "train_loss": measured["metrics"]["trainLoss"],
         "adapter_dir": measured["adapter_dir"],
         "peak_rss_mb": peak_rss_mb,
+        # Same job, same seed, same process: the engine should be deterministic across jobs.
+        "jobs_identical_loss": warm["metrics"]["finalLoss"] == measured["metrics"]["finalLoss"],
         "exit_code": code,
         "log": str(log_path),
     }
