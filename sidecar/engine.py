@@ -468,6 +468,10 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
+                if not math.isfinite(step_loss):
+                    raise errors.TrainingFailed(
+                        f"The loss became {step_loss} at step {prog.step + 1}; lower learningRate",
+                        jobId=job_id, stepsCompleted=prog.step)
                 prog.step += 1
                 prog.train_seconds += time.monotonic() - t_step
                 prog.tokens += step_tokens
@@ -654,7 +658,14 @@ def generate(params: wire.GenerateParams, *, models: Any) -> wire.GenerateResult
         if loaded.device.startswith("cuda"):
             torch.cuda.manual_seed(params.seed)
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             generation_config=config)
-    new = out[0, input_ids.shape[1]:]
+                             generation_config=config, output_scores=params.logprobs,
+                             return_dict_in_generate=True)
+    new = out.sequences[0, input_ids.shape[1]:]
+    logprobs = None
+    if params.logprobs:
+        # Scores are the processed logits of each step; with greedy decoding nothing processes them,
+        # so these are the model's own log-probabilities of the tokens it produced.
+        logprobs = [float(torch.log_softmax(score[0].float(), -1)[token]) for score, token in zip(out.scores, new)]
     return wire.GenerateResult(text=tok.decode(new, skip_special_tokens=True), tokens=int(new.numel()),
-                               base_model=params.base_model, adapter_path=params.adapter_path)
+                               base_model=params.base_model, adapter_path=params.adapter_path,
+                               token_ids=new.tolist(), logprobs=logprobs)

@@ -88,6 +88,7 @@ class TrainParams(Wire, kw_only=True):
 
     epochs: Annotated[int, Meta(gt=0, le=1000)] = 3
     max_steps: Optional[PositiveInt] = None
+    """Exact number of optimizer steps; overrides ``epochs`` and repeats the data as needed."""
     learning_rate: Annotated[float, Meta(gt=0, le=1)] = 2e-4
     batch_size: Annotated[int, Meta(gt=0, le=4096)] = 4
     gradient_accumulation: Annotated[int, Meta(gt=0, le=4096)] = 1
@@ -132,7 +133,7 @@ class TrainMetrics(Wire, kw_only=True):
     trainable_tokens: int
     truncated_examples: int
     time_to_first_step_ms: int
-    """From the ``train`` request's arrival to the end of the first optimizer step's forward."""
+    """From the ``train`` request's arrival to the end of the first optimizer step."""
     load_time_ms: int
     model_cached: bool
     peak_memory_mb: float
@@ -291,6 +292,8 @@ class GenerateParams(Wire, kw_only=True):
     device: Device = "auto"
     dtype: DType = "auto"
     trust_remote_code: bool = False
+    logprobs: bool = False
+    """Also return the log-probability of each generated token (checks an adapter elsewhere)."""
 
 
 class GenerateResult(Wire, kw_only=True):
@@ -298,6 +301,8 @@ class GenerateResult(Wire, kw_only=True):
     tokens: int
     base_model: str
     adapter_path: Optional[str] = None
+    token_ids: list[int] = []
+    logprobs: Optional[list[float]] = None
 
 
 class ShutdownParams(Wire, kw_only=True):

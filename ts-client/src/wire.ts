@@ -87,6 +87,8 @@ export interface GenerateParams {
   dtype?: "auto" | "bfloat16" | "float16" | "float32";
   /** @default false */
   trustRemoteCode?: boolean;
+  /** @default false */
+  logprobs?: boolean;
 }
 
 export interface GenerateResult {
@@ -95,6 +97,9 @@ export interface GenerateResult {
   tokens: number;
   baseModel: string;
   adapterPath: string | null;
+  /** @default [] */
+  tokenIds: number[];
+  logprobs: number[] | null;
 }
 
 export interface JobInfo {
