@@ -9,8 +9,9 @@ Levers:
 - length grouping: ``groupByLength`` batches similar lengths together (less padding)
 - gradient checkpointing: off by default (recomputes the forward during backward when on)
 - threads: the configured thread count against 1 thread
-- bf16: ``dtype`` "bfloat16" on a CPU without native bf16 (what TRL's bf16 default costs); about
-  10× slower, so it and its fp32 reference run only the first few steps
+- bf16: ``dtype`` "bfloat16" (weights and compute in bf16) against fp32. On CPUs without native
+  bf16 this is far slower (TRL's default, bf16 autocast, measured ~10× slower on the issue's
+  machine), so it and its fp32 reference run only the first few steps
 - all off: full logits + no grouping + checkpointing, the stock-Hugging-Face-like loop
 """
 

@@ -44,7 +44,11 @@ def run(settings: JobSettings, workdir: Path, *, timeout: float = 7200,
                 raise RuntimeError(f"sidecar side failed: {exc}; log {log_path}:\n{tail(log_path)}") from exc
             peak_rss_mb = vm_hwm_mb(client.proc.pid)
         finally:
-            code = client.close(timeout=60)
+            try:
+                code = client.close(timeout=60)
+            except TimeoutError:  # shutdown unanswered: the process is stuck, end it
+                client.proc.kill()
+                code = client.proc.wait()
     warm, measured = jobs
     return {
         "side": "sidecar",
