@@ -99,7 +99,9 @@ class JobSettings:
 def thread_env(threads: int, base: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a child process that should use exactly ``threads`` compute threads."""
     env = dict(os.environ if base is None else base)
-    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    # LORA_SIDECAR_THREADS is the engine's own setting (applied at each job); the others cover
+    # torch's start-up default in the TRL child and any BLAS underneath.
+    for name in ("LORA_SIDECAR_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONUNBUFFERED"] = "1"

@@ -26,6 +26,7 @@ from .common import JobSettings, write_json
 from .inproc import env_var, torch_threads, train_once
 
 FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+THREADS_ENV = "LORA_SIDECAR_THREADS"  # the engine applies it at the start of every job
 BF16_STEPS = 3
 
 
@@ -70,10 +71,13 @@ def run_levers(settings: JobSettings, workdir: Path) -> dict[str, Any]:
         if steps is not None:
             params["maxSteps"] = steps
         envs = row.get("env", {})
-        with env_var(FULL_LOGITS_ENV, envs.get(FULL_LOGITS_ENV)), torch_threads(row.get("threads", settings.threads)):
+        threads = row.get("threads", settings.threads)
+        with env_var(FULL_LOGITS_ENV, envs.get(FULL_LOGITS_ENV)), env_var(THREADS_ENV, str(threads)), \
+                torch_threads(threads):
             print(f"lever run {row['name']} ...", file=sys.stderr, flush=True)
             r = train_once(params, models, workdir, f"lever-{row['name']}")
-        out.append({**row, **r, "threads": row.get("threads", settings.threads)})
+            r["torch_threads_after"] = torch.get_num_threads()
+        out.append({**row, **r, "threads": threads})
         print(f"  {row['name']}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
     by = {r["name"]: r for r in out}
     ref = (by["reference"]["tokens_per_s"] + by["reference_repeat"]["tokens_per_s"]) / 2
