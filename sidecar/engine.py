@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 # Computing the LM head only where labels exist is the default; LORA_SIDECAR_FULL_LOGITS=1 computes
 # logits at every position instead (the stock Hugging Face path) so the lever can be measured.
 FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+# Measurement switch: LORA_SIDECAR_PEFT_LORA=1 runs peft's own LoRA forward instead of fastlora's.
+PEFT_LORA_ENV = "LORA_SIDECAR_PEFT_LORA"
+# Default micro-batch budget on CPU, in padded tokens: measured on SmolLM2-135M (docs/PERFORMANCE.md),
+# it keeps the activations of a 4 × 255-token batch to half while costing no measurable speed.
+CPU_MICRO_BATCH_TOKENS = 512
 
 # torch's default (one thread per core) is right on a quiet machine; on a shared one, fewer threads
 # than cores avoid OpenMP threads spinning against other processes (measured here with another
@@ -287,6 +292,28 @@ def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
                            ignore_index=data.IGNORE, reduction="sum")
 
 
+def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
+    """Split one batch into micro-batches whose padded size (rows × longest row) fits ``budget``.
+
+    The loss is summed over label tokens and divided by the step's total, so the split changes
+    nothing in the update; it only bounds the activations held at once. A single example longer
+    than the budget still runs whole. ``budget`` 0 means no split.
+    """
+    if budget <= 0 or len(indices) * max(lengths[i] for i in indices) <= budget:
+        return [list(indices)]
+    parts: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in sorted(indices, key=lengths.__getitem__):
+        if current and max(longest, lengths[i]) * (len(current) + 1) > budget:
+            parts.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, lengths[i])
+    parts.append(current)
+    return parts
+
+
 def evaluate(lm: Any, items: list[data.Tokenized], *, batch_size: int, pad_id: int, device: str,
              selective: bool, should_stop: Callable[[], bool], on_stop: Callable[[], None]) -> float:
     """Token-weighted mean loss over ``items`` (dropout off, no gradients)."""
@@ -424,6 +451,14 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         selective = supports_selective_logits(lm)
+        fused_lora = 0
+        if os.environ.get(PEFT_LORA_ENV, "").strip() in ("", "0"):
+            from . import fastlora
+
+            fused_lora = fastlora.patch(peft_model)
+        micro_tokens = params.micro_batch_tokens
+        if micro_tokens is None:
+            micro_tokens = CPU_MICRO_BATCH_TOKENS if device == "cpu" else 0
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,
                                       fused=device.startswith("cuda") or None)
@@ -453,15 +488,16 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 # micro-batch must not weigh as much as a long one.
                 step_labels = sum(train_items[i].trainable for b in group for i in b)
                 step_loss, step_tokens = 0.0, 0
-                for indices in group:
-                    if should_stop():
-                        cancelled()
-                    batch = data.collate(train_items, indices, pad_id, device)
-                    loss = loss_sum(lm, batch, selective=selective)
-                    (loss / step_labels).backward()
-                    step_loss += loss.item()
-                    step_tokens += batch.tokens
-                    examples_seen += batch.examples
+                for batch_indices in group:
+                    for indices in split_by_tokens(batch_indices, lengths, micro_tokens):
+                        if should_stop():
+                            cancelled()
+                        batch = data.collate(train_items, indices, pad_id, device)
+                        loss = loss_sum(lm, batch, selective=selective)
+                        (loss / step_labels).backward()
+                        step_loss += loss.item()
+                        step_tokens += batch.tokens
+                        examples_seen += batch.examples
                     micro_done += 1
                 if params.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
@@ -538,7 +574,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             params=params, job_id=job_id, loaded=loaded, fingerprint=fingerprint, peft_model=peft_model,
             received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
             train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
-            adapter_file=adapter_file, selective=selective, target=target,
+            adapter_file=adapter_file, selective=selective, target=target, fused_lora=fused_lora,
+            micro_tokens=micro_tokens,
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _check_target_free(target)
@@ -582,7 +619,8 @@ def _library_versions() -> dict[str, str]:
 def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint: str, peft_model: Any,
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
-              warnings: list[str], adapter_file: Path, selective: bool, target: Path) -> dict[str, Any]:
+              warnings: list[str], adapter_file: Path, selective: bool, target: Path,
+              fused_lora: int, micro_tokens: int) -> dict[str, Any]:
     from . import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
@@ -616,6 +654,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "lossHistory": prog.history,
         "validationHistory": prog.validation_history,
         "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
+                   "fusedLoraLayers": fused_lora, "microBatchTokens": micro_tokens,
                    "gradientCheckpointing": params.gradient_checkpointing},
         "warnings": warnings,
         "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": _sha256_file(adapter_file),

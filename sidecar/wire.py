@@ -102,6 +102,10 @@ class TrainParams(Wire, kw_only=True):
     gradient_checkpointing: bool = False
     group_by_length: bool = True
     """Batch examples of similar length together (less padding); order inside an epoch stays seeded."""
+    micro_batch_tokens: Optional[Annotated[int, Meta(ge=0)]] = None
+    """Largest padded micro-batch (rows × longest row) run at once; a bigger batch is split and its
+    gradients accumulated — the same update, with bounded activation memory. ``None``: 512 on CPU,
+    no limit on GPU; 0: never split."""
 
     quantize: bool = False
     quantize_bits: Literal[4, 8] = 4

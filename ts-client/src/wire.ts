@@ -358,6 +358,8 @@ export interface TrainParams {
   gradientCheckpointing?: boolean;
   /** @default true */
   groupByLength?: boolean;
+  /** Constraints: an integer, >= 0. */
+  microBatchTokens?: number | null;
   /** @default false */
   quantize?: boolean;
   /** @default 4 */
