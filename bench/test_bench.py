@@ -99,13 +99,14 @@ def test_targets_pass_and_fail_on_the_stated_thresholds():
     assert res["ratios"]["speedup"] == pytest.approx(3.2)
     # 160 tokens/s × 4.81e8 FLOP = 77 GFLOP/s of a 100 GFLOP/s peak
     assert res["ratios"]["limit_fraction"] == pytest.approx(160 * 481_296_384 / 100e9)
-    assert all(v["pass"] for v in t.values())
+    assert all(v["pass"] for k, v in t.items() if not v["target"].startswith("(info)"))
 
-    res = _result(50, 140, 4.0, 0.6, 0.1, 3000, 3100, 2.0, 2.06)
+    res = _result(50, 140, 4.0, 0.6, 0.6, 3000, 3100, 2.0, 2.06)
     res["ratios"] = compute_ratios(res)
     t = check_targets(res)
     failed = {k for k, v in t.items() if v["pass"] is False}
-    assert failed == {"speedup", "limit_fraction", "first_step_abs", "first_step_ratio", "peak_rss", "loss"}
+    assert failed == {"speedup", "limit_fraction", "first_step_abs", "first_step_ratio", "first_step_done_abs",
+                      "peak_rss", "loss"}
 
 
 def test_targets_without_a_baseline_are_not_applicable():
