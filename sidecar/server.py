@@ -62,7 +62,7 @@ def _handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Server:
-    def __init__(self, reader: FrameReader, writer: MessageWriter) -> None:
+    def __init__(self, reader: FrameReader, writer: MessageWriter, worker_thread: bool = True) -> None:
         self.reader = reader
         self.writer = writer
         self._models = None
@@ -70,7 +70,7 @@ class Server:
         self.exit_requested = False
         self._stopping = threading.Lock()
         self.jobs = JobQueue({"train": self._run_train, "generate": self._run_generate},
-                             notify=self._notify, max_queue=MAX_QUEUE)
+                             notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
         self.methods = {
             "supports": _handler(self.supports),
             "train": _handler(self.train),
@@ -303,21 +303,22 @@ def serve_stdio() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
     _die_with_parent()
-    server = Server(FrameReader(sys.stdin.buffer), MessageWriter(out))
+    # Jobs run on the main thread (see JobQueue); the protocol is read on a secondary one.
+    server = Server(FrameReader(sys.stdin.buffer), MessageWriter(out), worker_thread=False)
 
-    def on_sigterm(signum, frame) -> None:
+    def finish(code: int) -> None:
+        out.flush()
+        # Handler threads are daemons, and torch may hold non-daemon threads: exit now.
+        os._exit(code)
+
+    def on_signal(signum, frame) -> None:
         log.info("signal %d; stopping", signum)
+        threading.Thread(target=lambda: finish(server.stop(0)), daemon=True).start()
 
-        def finish() -> None:
-            code = server.stop(0)
-            out.flush()
-            os._exit(code)
-
-        threading.Thread(target=finish, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     log.info("lora-sidecar %s ready (protocol %s, pid %d)", __version__, PROTOCOL_VERSION, os.getpid())
-    code = server.serve()
-    out.flush()
-    # Worker and handler threads are daemons, and torch may hold non-daemon threads: exit now.
-    os._exit(code)
+    threading.Thread(target=lambda: finish(server.serve()), name="stdin-reader", daemon=True).start()
+    server.jobs.work()
+    while True:  # the reader thread ends the process; the main thread stays to receive signals
+        time.sleep(3600)
