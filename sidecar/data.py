@@ -392,6 +392,7 @@ class Batch:
     label_tokens: int     # labels the loss sees after the shift
     examples: int
     indices: list[int] = field(default_factory=list)
+    right_padded: bool = True  # collate() pads after the real tokens, so causal attention never sees it
 
 
 def collate(items: Sequence[Tokenized], indices: Sequence[int], pad_id: int, device: Any = "cpu") -> Batch:

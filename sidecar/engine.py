@@ -280,14 +280,17 @@ def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
     import torch.nn.functional as F
 
     shift_labels = batch.labels[:, 1:]
+    # Rows are right-padded and attention is causal, so a real token never sees padding: the mask
+    # changes nothing where labels are, and leaving it out lets SDPA take its causal kernel instead
+    # of a masked one (measured: see docs/PERFORMANCE.md). Padding positions carry no label.
+    mask = None if batch.right_padded else batch.attention_mask
     if selective:
         decoder = getattr(lm, lm.base_model_prefix)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                         use_cache=False).last_hidden_state
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         keep = shift_labels != data.IGNORE
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), shift_labels[keep], reduction="sum")
-    logits = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    logits = lm(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).logits
     return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                            ignore_index=data.IGNORE, reduction="sum")
 

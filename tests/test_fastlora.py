@@ -100,3 +100,22 @@ def test_micro_batch_split_gives_the_same_steps(tiny_model_dir, cache, tmp_path)
     assert whole.metrics.epochs == split.metrics.epochs == 2
     for x, y in zip(hw["lossHistory"], hs["lossHistory"]):
         assert x["tokens"] == y["tokens"] and x["loss"] == pytest.approx(y["loss"], abs=1e-4)
+
+
+def test_padded_batch_loss_equals_unpadded_per_example_losses(tiny_model_dir, cache):
+    """Right padding + causal attention: dropping the attention mask changes no labelled position."""
+    from sidecar import data
+
+    loaded = cache.get(str(tiny_model_dir))
+    records = [data.Record(example=e, source="dataset", index=i) for i, e in enumerate(EXAMPLES)]
+    items, _ = data.tokenize(records, loaded.tokenizer, loss_on="assistant", max_seq_length=256)
+    lm = loaded.model
+    with torch.no_grad():
+        together = engine.loss_sum(lm, data.collate(items, range(len(items)), 2), selective=True).item()
+        alone = sum(engine.loss_sum(lm, data.collate(items, [i], 2), selective=True).item()
+                    for i in range(len(items)))
+        masked = data.collate(items, range(len(items)), 2)
+        masked.right_padded = False  # force the explicit attention mask
+        with_mask = engine.loss_sum(lm, masked, selective=True).item()
+    assert len({len(t.input_ids) for t in items}) > 1  # the batch really is padded
+    assert together == pytest.approx(alone, rel=1e-5) and together == pytest.approx(with_mask, rel=1e-5)
