@@ -12,11 +12,15 @@ Levers:
 - bf16: ``dtype`` "bfloat16" (weights and compute in bf16) against fp32. On CPUs without native
   bf16 this is far slower (TRL's default, bf16 autocast, measured ~10× slower on the issue's
   machine), so it and its fp32 reference run only the first few steps
+- fused LoRA branch: ``LORA_SIDECAR_PEFT_LORA=1`` runs peft's own LoRA forward (bernoulli dropout)
+- attention mask: ``LORA_SIDECAR_ATTENTION_MASK=1`` passes the mask even for right-padded batches
+- micro-batch budget: ``microBatchTokens: 0`` runs every batch whole (more activation memory)
 - all off: full logits + no grouping + checkpointing, the stock-Hugging-Face-like loop
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,6 +30,7 @@ from .common import JobSettings, write_json
 from .inproc import env_var, torch_threads, train_once
 
 FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+SWITCH_ENVS = (FULL_LOGITS_ENV, "LORA_SIDECAR_PEFT_LORA", "LORA_SIDECAR_ATTENTION_MASK")
 THREADS_ENV = "LORA_SIDECAR_THREADS"  # the engine applies it at the start of every job
 BF16_STEPS = 3
 
@@ -39,6 +44,10 @@ def rows(settings: JobSettings) -> list[dict[str, Any]]:
         {"name": "full_logits", "lever": "selective logits", "change": {}, "env": {FULL_LOGITS_ENV: "1"}},
         {"name": "no_grouping", "lever": "length grouping", "change": {"groupByLength": False}},
         {"name": "checkpointing_on", "lever": "gradient checkpointing", "change": {"gradientCheckpointing": True}},
+        {"name": "peft_lora", "lever": "fused LoRA branch", "change": {}, "env": {"LORA_SIDECAR_PEFT_LORA": "1"}},
+        {"name": "attention_mask", "lever": "no attention mask on right-padded batches", "change": {},
+         "env": {"LORA_SIDECAR_ATTENTION_MASK": "1"}},
+        {"name": "no_micro_split", "lever": "micro-batch token budget (512)", "change": {"microBatchTokens": 0}},
     ]
     if t > 1:
         r.append({"name": "threads_1", "lever": f"threads ({t} → 1)", "change": {}, "threads": 1})
@@ -72,8 +81,11 @@ def run_levers(settings: JobSettings, workdir: Path) -> dict[str, Any]:
             params["maxSteps"] = steps
         envs = row.get("env", {})
         threads = row.get("threads", settings.threads)
-        with env_var(FULL_LOGITS_ENV, envs.get(FULL_LOGITS_ENV)), env_var(THREADS_ENV, str(threads)), \
-                torch_threads(threads):
+        with contextlib.ExitStack() as stack:
+            for name in SWITCH_ENVS:
+                stack.enter_context(env_var(name, envs.get(name)))
+            stack.enter_context(env_var(THREADS_ENV, str(threads)))
+            stack.enter_context(torch_threads(threads))
             print(f"lever run {row['name']} ...", file=sys.stderr, flush=True)
             r = train_once(params, models, workdir, f"lever-{row['name']}")
             r["torch_threads_after"] = torch.get_num_threads()

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # Computing the LM head only where labels exist is the default; LORA_SIDECAR_FULL_LOGITS=1 computes
 # logits at every position instead (the stock Hugging Face path) so the lever can be measured.
 FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
+# Measurement switch: LORA_SIDECAR_ATTENTION_MASK=1 passes the attention mask even for right-padded batches.
+ATTENTION_MASK_ENV = "LORA_SIDECAR_ATTENTION_MASK"
 # Measurement switch: LORA_SIDECAR_PEFT_LORA=1 runs peft's own LoRA forward instead of fastlora's.
 PEFT_LORA_ENV = "LORA_SIDECAR_PEFT_LORA"
 # Default micro-batch budget on CPU, in padded tokens: measured on SmolLM2-135M (docs/PERFORMANCE.md),
@@ -283,7 +285,8 @@ def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
     # Rows are right-padded and attention is causal, so a real token never sees padding: the mask
     # changes nothing where labels are, and leaving it out lets SDPA take its causal kernel instead
     # of a masked one (measured: see docs/PERFORMANCE.md). Padding positions carry no label.
-    mask = None if batch.right_padded else batch.attention_mask
+    keep_mask = not batch.right_padded or os.environ.get(ATTENTION_MASK_ENV, "").strip() not in ("", "0")
+    mask = batch.attention_mask if keep_mask else None
     if selective:
         decoder = getattr(lm, lm.base_model_prefix)
         hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
