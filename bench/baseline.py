@@ -19,14 +19,12 @@ import time
 T_PROCESS_START = time.monotonic()  # before any heavy import: imports are part of a job's start-up cost
 
 import json  # noqa: E402
-import os  # noqa: E402
 import resource  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-from .common import TRAINING_TEMPLATE, JobSettings, now, tail, thread_env, write_json  # noqa: E402
+from .common import TRAINING_TEMPLATE, JobSettings, now, run_child, write_json  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,26 +41,8 @@ def run(settings: JobSettings, model_path: str, workdir: Path, *, timeout: float
     config_path, out_path, log_path = workdir / "config.json", workdir / "result.json", workdir / "child.log"
     write_json(config_path, {"settings": settings.to_dict(), "model_path": model_path,
                              "output_dir": str(workdir / "trl-output")})
-    argv = [sys.executable, "-m", "bench.baseline", str(config_path), str(out_path)]
-    with open(log_path, "wb") as log:
-        t_launch = now()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=thread_env(settings.threads))
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                raise RuntimeError(f"baseline child exceeded {timeout:.0f} s; log {log_path}:\n{tail(log_path)}")
-            time.sleep(0.05)
-        t_exit = now()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0 or not out_path.is_file():
-        raise RuntimeError(f"baseline child failed (exit {proc.returncode}); log {log_path}:\n{tail(log_path)}")
-    r = json.loads(out_path.read_text())
+    r, t_launch, t_exit, peak_rss_mb = run_child("bench.baseline", config_path, out_path, log_path,
+                                                  threads=settings.threads, timeout=timeout, what="baseline child")
     t = r["timestamps"]
     r["launch_to_process_start_s"] = t["process_start"] - t_launch
     r["launch_to_first_step_begin_s"] = t["first_step_begin"] - t_launch
@@ -76,7 +56,7 @@ def run(settings: JobSettings, model_path: str, workdir: Path, *, timeout: float
         "training": t["last_step_end"] - t["first_step_begin"],
         "save": t["saved"] - t["last_step_end"],
     }
-    r["peak_rss_mb"] = usage.ru_maxrss / 1024  # Linux reports KiB
+    r["peak_rss_mb"] = peak_rss_mb
     r["log"] = str(log_path)
     return r
 

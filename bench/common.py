@@ -140,3 +140,33 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return "(no log)"
 
+
+
+def run_child(module: str, config_path: Path, out_path: Path, log_path: Path, *, threads: int, timeout: float,
+              what: str) -> tuple[dict[str, Any], float, float, float]:
+    """Run ``python -m module config out`` with its output in ``log_path``; return (its JSON result,
+    launch time, exit time, its own peak RSS in MiB). The peak comes from ``wait4`` on exactly this
+    child (RUSAGE_CHILDREN would mix in every child waited for before)."""
+    import subprocess
+    import sys
+
+    with open(log_path, "wb") as log:
+        t_launch = now()
+        proc = subprocess.Popen([sys.executable, "-m", module, str(config_path), str(out_path)],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                env=thread_env(threads))
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise RuntimeError(f"{what} exceeded {timeout:.0f} s; log {log_path}:\n{tail(log_path)}")
+            time.sleep(0.05)
+        t_exit = now()
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0 or not out_path.is_file():
+        raise RuntimeError(f"{what} failed (exit {code}); log {log_path}:\n{tail(log_path)}")
+    return json.loads(out_path.read_text()), t_launch, t_exit, usage.ru_maxrss / 1024  # Linux: KiB

@@ -9,15 +9,12 @@ same shapes, then the measured job of ``steps`` optimizer steps at batch 4.
 from __future__ import annotations
 
 import json
-import os
 import resource
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-from .common import JobSettings, tail, thread_env, write_json
+from .common import JobSettings, run_child, write_json
 
 LENGTHS = (128, 256, 512, 1024)
 RANKS = (8, 16, 32, 64)
@@ -43,26 +40,10 @@ def run_scaling(settings: JobSettings, model_path: str, workdir: Path, *, steps:
         write_json(config_path, {"settings": settings.to_dict(), "model_path": model_path, "workdir": str(d),
                                  "steps": steps, **cfg})
         print(f"scaling {name} ...", file=sys.stderr, flush=True)
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.scaling", str(config_path), str(out_path)],
-                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                    env=thread_env(settings.threads))
-            deadline = time.monotonic() + timeout
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    os.wait4(proc.pid, 0)
-                    raise RuntimeError(f"scaling run {name} exceeded {timeout:.0f} s; log {log_path}")
-                time.sleep(0.05)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0 or not out_path.is_file():
-            raise RuntimeError(f"scaling run {name} failed (exit {code}); log {log_path}:\n{tail(log_path)}")
-        r = json.loads(out_path.read_text())
+        r, _, _, peak_rss_mb = run_child("bench.scaling", config_path, out_path, log_path, threads=settings.threads,
+                                         timeout=timeout, what=f"scaling run {name}")
         r.update(cfg)
-        r["peak_rss_mb"] = usage.ru_maxrss / 1024
+        r["peak_rss_mb"] = peak_rss_mb
         results.append(r)
         print(f"  {name}: {r['tokens_per_s']:.1f} tokens/s, peak RSS {r['peak_rss_mb']:.0f} MiB",
               file=sys.stderr, flush=True)

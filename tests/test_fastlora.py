@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sidecar import engine, fastlora, wire
-from tests.test_engine import EXAMPLES, cache, chat, params, run  # noqa: F401 - fixtures
+from tests.test_engine import EXAMPLES, cache, params, run  # noqa: F401 - cache is a fixture
 
 
 def test_keep_mask_rate_and_shape():
