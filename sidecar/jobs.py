@@ -117,8 +117,9 @@ class JobQueue:
                 self.by_request[request_id] = job
             self.wakeup.notify_all()
         if kind == "train":
+            ahead = self.position(job)
             self._report(job, wire.Progress(job_id=job.job_id, phase="queued",
-                                            message=f"position {self.position(job)} in queue"))
+                                            message=f"{ahead} job(s) ahead" if ahead else "starting"))
         return job
 
     def position(self, job: Job) -> int:
