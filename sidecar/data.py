@@ -145,16 +145,23 @@ def check_record(rec: Record, loss_on: str) -> None:
                 raise rec.invalid(f"`{name}` is {'missing' if value is None else 'empty'}", name)
 
 
-def load_train_and_validation(params: wire.TrainParams) -> LoadedData:
-    """Read and structurally check the training and validation examples named by ``params``."""
+def check_sources(params: wire.TrainParams) -> None:
+    """Exactly one training source and at most one validation source (InvalidParams otherwise).
+
+    Cheap and file-free: the server runs it when a ``train`` request arrives, before queuing it."""
     if (params.dataset is None) == (params.dataset_path is None):
-        raise InvalidParams("Give exactly one of `dataset` (inline) or `datasetPath` (JSONL)",
-                            field="dataset" if params.dataset is None else "datasetPath")
+        raise InvalidParams("Give exactly one of `dataset` (inline) or `datasetPath` (JSONL file)",
+                            field="$.dataset" if params.dataset is None else "$.datasetPath")
     given = [n for n, v in (("validationDataset", params.validation_dataset),
                             ("validationPath", params.validation_path),
                             ("validationSplit", params.validation_split or None)) if v is not None]
     if len(given) > 1:
-        raise InvalidParams(f"Give at most one of {', '.join(given)}", field=given[1])
+        raise InvalidParams(f"Give at most one of {', '.join(given)}", field=f"$.{given[1]}")
+
+
+def load_train_and_validation(params: wire.TrainParams) -> LoadedData:
+    """Read and structurally check the training and validation examples named by ``params``."""
+    check_sources(params)
 
     if params.dataset is not None:
         train = load_inline(params.dataset, "dataset")

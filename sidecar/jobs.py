@@ -108,7 +108,7 @@ class JobQueue:
                     queued=len(self.queue), limit=self.max_queue)
             if job_id is None:
                 job_id = f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-            elif self._find(job_id) is not None and self._find(job_id).state in ("queued", "running"):
+            elif (existing := self._find(job_id)) is not None and existing.state in ("queued", "running"):
                 raise errors.DuplicateJob(f"Job {job_id!r} is already queued or running", jobId=job_id)
             job = Job(job_id=job_id, kind=kind, params=params, base_model=base_model, received_at=received_at,
                       request_id=request_id, framing=framing, progress_interval=progress_interval)

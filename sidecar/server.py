@@ -164,10 +164,9 @@ class Server:
 
     def train(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.TrainParams)
-        sources = [s for s in ("dataset", "datasetPath") if getattr(p, _snake(s)) is not None]
-        if len(sources) != 1:
-            raise errors.InvalidParams("Give exactly one of `dataset` (inline) or `datasetPath` (JSONL file)",
-                                       field="$.dataset")
+        from .data import check_sources
+
+        check_sources(p)
         job = self.jobs.submit("train", p, job_id=p.job_id, base_model=p.base_model, received_at=ctx.received_at,
                                request_id=ctx.request_id, framing=ctx.framing,
                                progress_interval=p.progress_interval)
@@ -278,10 +277,6 @@ def _library_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             pass
     return out
-
-
-def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
 def _die_with_parent() -> None:
