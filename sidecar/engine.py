@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import msgspec
 
-from . import __version__, data, errors, paths, wire
+from . import __version__, data, errors, library_versions, paths, wire
 
 log = logging.getLogger(__name__)
 
@@ -613,15 +613,6 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             torch.cuda.empty_cache()
 
 
-def _library_versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__, "msgspec": msgspec.__version__}
-
-
 def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint: str, peft_model: Any,
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
@@ -643,7 +634,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "startedAt": _utc(started_wall),
         "finishedAt": _utc(finished_wall),
         "sidecar": {"version": __version__, "protocolVersion": PROTOCOL_VERSION},
-        "libraries": _library_versions(),
+        "libraries": library_versions(),
         "baseModel": {
             "name": params.base_model, "kind": loaded.resolved.kind, "path": loaded.resolved.path,
             "ggufFile": loaded.resolved.gguf_file, "fingerprint": fingerprint, "device": loaded.device,

@@ -9,7 +9,6 @@ the next message. So messages take effect in the order they were sent (a ``cance
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import signal
@@ -23,7 +22,7 @@ import msgspec
 from jsonrpcserver import Error, Success
 from jsonrpcserver.main import dispatch_to_serializable
 
-from . import PROTOCOL_VERSION, __version__, errors, wire
+from . import PROTOCOL_VERSION, __version__, errors, library_versions, wire
 from .jobs import Job, JobQueue
 from .stdio import Framing, FrameReader, MessageWriter
 
@@ -127,7 +126,7 @@ class Server:
         result = wire.SupportsResult(
             protocol_version=PROTOCOL_VERSION,
             sidecar_version=__version__,
-            libraries=_library_versions(),
+            libraries=library_versions(),
             devices=models.device_report(),
             default_device=models.select_device("auto"),
             default_dtype=str(models.select_dtype(models.select_device("auto"), "auto")).replace("torch.", ""),
@@ -266,17 +265,6 @@ class Server:
             # Let handler threads write the responses of the jobs that just ended.
             time.sleep(0.05)
         return code
-
-
-def _library_versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "jsonrpcserver", "msgspec",
-                 "gguf", "safetensors", "bitsandbytes"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 def _die_with_parent() -> None:
