@@ -1,4 +1,4 @@
-"""Run ``sidecar.engine.train`` inside the current process (for the lever and scaling runs).
+"""Run ``sidecar.training.train`` inside the current process (for the lever and scaling runs).
 
 The lever and scaling tables measure the engine itself, so they call it directly, as the jobs
 layer does, without the stdio round trip. Each run gets a fresh output directory.
@@ -46,13 +46,14 @@ def train_once(params: dict[str, Any], models: Any, workdir: Path, name: str) ->
     """One engine job from wire-format ``params``; returns the metrics and the engine's own flags."""
     import json
 
-    from sidecar import engine, wire
+    from sidecar import wire
+    from sidecar.training import train
 
     out = workdir / name
     if out.exists():
         shutil.rmtree(out)
     p = wire.decode_params({**params, "outputPath": str(out), "jobId": name}, wire.TrainParams)
-    result = engine.train(p, job_id=name, models=models, report=lambda _p: None, should_stop=lambda: False,
+    result = train(p, job_id=name, models=models, report=lambda _p: None, should_stop=lambda: False,
                           received_at=time.time())
     manifest = json.loads(Path(result.manifest_path).read_text())
     history = manifest["lossHistory"]

@@ -98,7 +98,7 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
         if ignored:
             print(f"Ignoring unknown config keys: {', '.join(sorted(ignored))}", file=sys.stderr, flush=True)
 
-        from . import engine
+        from .training import train
         from .models import ModelCache
 
         job_id = params.job_id or f"train-{uuid.uuid4().hex[:12]}"
@@ -112,7 +112,7 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
                 print(line, file=sys.stderr, flush=True)
                 last["line"], last["at"] = line, now
 
-        result = engine.train(params, job_id=job_id, models=ModelCache(max_models=1), report=report,
+        result = train(params, job_id=job_id, models=ModelCache(max_models=1), report=report,
                               should_stop=stop.is_set, received_at=received_at)
         for warning in result.warnings:
             print(f"Warning: {warning}", file=sys.stderr, flush=True)

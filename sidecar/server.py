@@ -92,15 +92,15 @@ class Server:
         return self._models
 
     def _run_train(self, job: Job, report, should_stop) -> wire.TrainResult:
-        from . import engine
+        from .training import train
 
-        return engine.train(job.params, job_id=job.job_id, models=self.models, report=report,
+        return train(job.params, job_id=job.job_id, models=self.models, report=report,
                             should_stop=should_stop, received_at=job.received_at)
 
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
-        from . import engine
+        from .generate import generate
 
-        return engine.generate(job.params, models=self.models)
+        return generate(job.params, models=self.models)
 
     def _notify(self, job: Job, progress: wire.Progress) -> None:
         self.writer.write({"jsonrpc": "2.0", "method": "progress", "params": wire.to_builtins(progress)},

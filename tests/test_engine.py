@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidecar import compat, data, engine, errors, wire
+from sidecar import compat, data, errors, wire
+from sidecar import generate as generation
+from sidecar.adapters import surgery
+from sidecar.training import loss as lossmod, recipe, schedule
 from sidecar.models import ModelCache, compute_fingerprint
 
 
@@ -75,7 +78,7 @@ class Recorder:
 
 def run(p: wire.TrainParams, cache: ModelCache, rec: Recorder | None = None, job_id: str = "job-1"):
     rec = rec or Recorder()
-    return engine.train(p, job_id=job_id, models=cache, report=rec.report, should_stop=rec.should_stop,
+    return recipe.train(p, job_id=job_id, models=cache, report=rec.report, should_stop=rec.should_stop,
                         received_at=time.time()), rec
 
 
@@ -211,9 +214,9 @@ def test_adapter_loads_with_stock_peft_in_a_fresh_process_with_same_logits(train
     ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
     with torch.no_grad():
         base_logits = loaded.model(input_ids=torch.tensor([ids])).logits
-        with engine.attached_adapter(loaded, str(out)) as adapted:
+        with surgery.attached_adapter(loaded, str(out)) as adapted:
             ours = adapted(input_ids=torch.tensor([ids])).logits
-    ours_gen = engine.generate(wire.GenerateParams(base_model=str(tiny_model_dir), adapter_path=str(out),
+    ours_gen = generation.generate(wire.GenerateParams(base_model=str(tiny_model_dir), adapter_path=str(out),
                                                    messages=prompt, max_new_tokens=6), models=cache)
 
     result_file = tmp_path / "stock.pt"
@@ -251,7 +254,7 @@ def test_failure_while_saving_removes_the_temp_dir(tiny_model_dir, cache, tmp_pa
         seen["tmp_had"] = sorted(p.name for p in kw["adapter_file"].parent.iterdir())
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(engine, "_manifest", broken_manifest)
+    monkeypatch.setattr(recipe, "_manifest", broken_manifest)
     with pytest.raises(errors.TrainingFailed, match="disk full"):
         run(params(tiny_model_dir, out, max_steps=1), cache)
     assert "adapter_model.safetensors" in seen["tmp_had"]  # the failure really happened mid-write
@@ -285,19 +288,19 @@ def test_selective_logits_loss_and_gradients_equal_full_logits(tiny_model_dir, c
     items, _ = data.tokenize(records, tok, loss_on="assistant", max_seq_length=256)
     batch = data.collate(items, [0, 1, 2], tok.pad_token_id)
     assert batch.attention_mask.sum() < batch.attention_mask.numel()  # padding present
-    snap = engine._snapshot(loaded.model)
-    peft_model = engine.attach_lora(loaded.model, params(tiny_model_dir, None, dropout=0.0), loaded.resolved.path)
+    snap = surgery.snapshot(loaded.model)
+    peft_model = surgery.attach_lora(loaded.model, params(tiny_model_dir, None, dropout=0.0), loaded.resolved.path)
     try:
         lm = peft_model.get_base_model()
         with torch.no_grad():  # non-zero B so the LoRA path matters
             for name, p in peft_model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(std=0.02)
-        assert engine.supports_selective_logits(lm)
+        assert lossmod.supports_selective_logits(lm)
         lora = [p for p in peft_model.parameters() if p.requires_grad]
         results = []
         for selective in (True, False):
-            loss = engine.loss_sum(lm, batch, selective=selective) / batch.label_tokens
+            loss = lossmod.loss_sum(lm, batch, selective=selective) / batch.label_tokens
             grads = torch.autograd.grad(loss, lora)
             results.append((loss.detach(), grads))
         (l_sel, g_sel), (l_full, g_full) = results
@@ -308,12 +311,12 @@ def test_selective_logits_loss_and_gradients_equal_full_logits(tiny_model_dir, c
         hf = lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss
         torch.testing.assert_close(l_full, hf.detach(), atol=1e-5, rtol=0)
     finally:
-        engine.detach_lora(loaded.model, peft_model, snap)
+        surgery.detach_lora(loaded.model, peft_model, snap)
     assert base_state(cache, tiny_model_dir) == before
 
 
 def test_full_logits_switch(monkeypatch, tiny_model_dir, cache, tmp_path):
-    monkeypatch.setenv(engine.FULL_LOGITS_ENV, "1")
+    monkeypatch.setenv(lossmod.FULL_LOGITS_ENV, "1")
     result, _ = run(params(tiny_model_dir, tmp_path / "a", max_steps=1), cache)
     assert json.loads(Path(result.manifest_path).read_text())["engine"]["selectiveLogits"] is False
 
@@ -377,7 +380,7 @@ def test_existing_non_empty_output_is_refused_before_loading(tiny_model_dir, tmp
             raise AssertionError("the model must not be loaded for a job that cannot write its output")
 
     with pytest.raises(errors.OutputExists):
-        engine.train(params(tiny_model_dir, out), job_id="j", models=NoLoad(), report=lambda p: None,
+        recipe.train(params(tiny_model_dir, out), job_id="j", models=NoLoad(), report=lambda p: None,
                      should_stop=lambda: False, received_at=time.time())
     assert (out / "keep.txt").read_text() == "mine" and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
@@ -418,15 +421,15 @@ def test_dataset_errors_come_before_loading(tiny_model_dir, tmp_path):
 
     bad = wire.Dataset(examples=[chat("q", "a"), wire.Example(messages=[wire.Message(role="narrator", content="x")])])
     with pytest.raises(errors.DatasetInvalid) as ei:
-        engine.train(params(tiny_model_dir, tmp_path / "a", dataset=bad), job_id="j", models=NoLoad(),
+        recipe.train(params(tiny_model_dir, tmp_path / "a", dataset=bad), job_id="j", models=NoLoad(),
                      report=lambda p: None, should_stop=lambda: False, received_at=time.time())
     assert ei.value.data["index"] == 1 and ei.value.data["field"] == "messages[0].role"
 
 
 def test_lr_schedules():
-    lin = [engine.lr_multiplier(s, 10, 0.2, "linear") for s in range(10)]
-    cos = [engine.lr_multiplier(s, 10, 0.2, "cosine") for s in range(10)]
-    const = [engine.lr_multiplier(s, 10, 0.2, "constant") for s in range(10)]
+    lin = [schedule.lr_multiplier(s, 10, 0.2, "linear") for s in range(10)]
+    cos = [schedule.lr_multiplier(s, 10, 0.2, "cosine") for s in range(10)]
+    const = [schedule.lr_multiplier(s, 10, 0.2, "constant") for s in range(10)]
     assert lin[0] > 0 and lin[:2] == cos[:2] == const[:2] and lin[1] == pytest.approx(2 / 3)
     assert lin[2] == cos[2] == 1.0 and all(c == 1.0 for c in const[2:])
     assert all(x > y for x, y in zip(lin[2:], lin[3:])) and all(x > y for x, y in zip(cos[2:], cos[3:]))
@@ -441,9 +444,9 @@ def test_generate_is_greedy_and_leaves_the_base_untouched(trained, tiny_model_di
     before = base_state(cache, tiny_model_dir)
     gp = wire.GenerateParams(base_model=str(tiny_model_dir), adapter_path=trained["result"].adapter_path,
                              messages=[wire.Message(role="user", content="Is Zorblax warm?")], max_new_tokens=5)
-    first, second = engine.generate(gp, models=cache), engine.generate(gp, models=cache)
+    first, second = generation.generate(gp, models=cache), generation.generate(gp, models=cache)
     assert first == second and first.tokens == 5 and first.adapter_path == gp.adapter_path
-    plain = engine.generate(wire.GenerateParams(base_model=str(tiny_model_dir), messages=gp.messages,
+    plain = generation.generate(wire.GenerateParams(base_model=str(tiny_model_dir), messages=gp.messages,
                                                 max_new_tokens=5), models=cache)
     assert plain.adapter_path is None
     assert base_state(cache, tiny_model_dir) == before
@@ -451,7 +454,7 @@ def test_generate_is_greedy_and_leaves_the_base_untouched(trained, tiny_model_di
 
 def test_generate_missing_adapter(tiny_model_dir, cache, tmp_path):
     with pytest.raises(errors.AdapterNotFound):
-        engine.generate(wire.GenerateParams(base_model=str(tiny_model_dir), adapter_path=str(tmp_path / "none"),
+        generation.generate(wire.GenerateParams(base_model=str(tiny_model_dir), adapter_path=str(tmp_path / "none"),
                                             messages=[wire.Message(role="user", content="hi")]), models=cache)
 
 

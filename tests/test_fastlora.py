@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sidecar import engine, fastlora, wire
+from sidecar import wire
+from sidecar.adapters import surgery
+from sidecar.training import fastlora, loss as lossmod
 from tests.test_engine import EXAMPLES, cache, params, run  # noqa: F401 - cache is a fixture
 
 
@@ -53,9 +55,9 @@ def test_patched_peft_model_matches_peft_without_dropout(tiny_model_dir, cache):
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     loaded = cache.get(str(tiny_model_dir))
-    before = engine._snapshot(loaded.model)
+    before = surgery.snapshot(loaded.model)
     p = wire.TrainParams(dataset_path="x", rank=4, alpha=8, dropout=0.0)
-    peft_model = engine.attach_lora(loaded.model, p, loaded.resolved.path)
+    peft_model = surgery.attach_lora(loaded.model, p, loaded.resolved.path)
     try:
         for module in peft_model.modules():  # non-zero B so the branch contributes
             if isinstance(module, LoraLinear):
@@ -76,17 +78,17 @@ def test_patched_peft_model_matches_peft_without_dropout(tiny_model_dir, cache):
         for name, grad in stock_grads.items():
             assert torch.allclose(fused_grads[name], grad, atol=1e-6), name
     finally:
-        engine.detach_lora(loaded.model, peft_model, before)
+        surgery.detach_lora(loaded.model, peft_model, before)
 
 
 def test_split_by_tokens():
     lengths = [10, 200, 30, 250, 40]
-    assert engine.split_by_tokens([0, 2, 4], lengths, 512) == [[0, 2, 4]]
-    assert engine.split_by_tokens([0, 1, 3], lengths, 0) == [[0, 1, 3]]
-    parts = engine.split_by_tokens([0, 1, 2, 3], lengths, 512)
+    assert lossmod.split_by_tokens([0, 2, 4], lengths, 512) == [[0, 2, 4]]
+    assert lossmod.split_by_tokens([0, 1, 3], lengths, 0) == [[0, 1, 3]]
+    parts = lossmod.split_by_tokens([0, 1, 2, 3], lengths, 512)
     assert sorted(i for part in parts for i in part) == [0, 1, 2, 3]
     assert all(len(part) * max(lengths[i] for i in part) <= 512 for part in parts)
-    assert engine.split_by_tokens([3], lengths, 100) == [[3]]  # one long example still runs
+    assert lossmod.split_by_tokens([3], lengths, 100) == [[3]]  # one long example still runs
 
 
 def test_micro_batch_split_gives_the_same_steps(tiny_model_dir, cache, tmp_path):
@@ -111,11 +113,11 @@ def test_padded_batch_loss_equals_unpadded_per_example_losses(tiny_model_dir, ca
     items, _ = data.tokenize(records, loaded.tokenizer, loss_on="assistant", max_seq_length=256)
     lm = loaded.model
     with torch.no_grad():
-        together = engine.loss_sum(lm, data.collate(items, range(len(items)), 2), selective=True).item()
-        alone = sum(engine.loss_sum(lm, data.collate(items, [i], 2), selective=True).item()
+        together = lossmod.loss_sum(lm, data.collate(items, range(len(items)), 2), selective=True).item()
+        alone = sum(lossmod.loss_sum(lm, data.collate(items, [i], 2), selective=True).item()
                     for i in range(len(items)))
         masked = data.collate(items, range(len(items)), 2)
         masked.right_padded = False  # force the explicit attention mask
-        with_mask = engine.loss_sum(lm, masked, selective=True).item()
+        with_mask = lossmod.loss_sum(lm, masked, selective=True).item()
     assert len({len(t.input_ids) for t in items}) > 1  # the batch really is padded
     assert together == pytest.approx(alone, rel=1e-5) and together == pytest.approx(with_mask, rel=1e-5)

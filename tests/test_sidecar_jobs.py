@@ -192,8 +192,8 @@ class TestProcessLifecycle:
         # as a misbehaving library or C extension would.
         noisy = (
             "import os, sys\n"
-            "import sidecar.engine as engine\n"
-            "real = engine.train\n"
+            "import sidecar.training as training\n"
+            "real = training.train\n"
             "def train(*a, **k):\n"
             "    def report(p, inner=k['report']):\n"
             "        print('NOISE from print', p.step)\n"
@@ -202,7 +202,7 @@ class TestProcessLifecycle:
             "    k['report'] = report\n"
             "    print('NOISE before training')\n"
             "    return real(*a, **k)\n"
-            "engine.train = train\n"
+            "training.train = train\n"
             "from sidecar.cli import main\n"
             "sys.exit(main())\n"
         )

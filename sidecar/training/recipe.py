@@ -1,4 +1,4 @@
-"""The training recipe behind ``train``, and ``generate``.
+"""The training recipe behind ``train``.
 
 ``train`` follows a fixed lifecycle (torchtune's recipe shape):
 
@@ -16,62 +16,35 @@ step → zero_grad → log → stop check. Helpers are defined above it, in the 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
-import re
 import resource
 import shutil
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import msgspec
 
-from . import __version__, data, errors, library_versions, paths, wire
+from .. import __version__, data, errors, library_versions, paths, wire
+from ..adapters.surgery import attach_lora, detach_lora, snapshot
+from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
+from ..models import apply_thread_setting
+from .loss import evaluate, loss_sum, split_by_tokens, supports_selective_logits
+from .schedule import lr_multiplier
 
 log = logging.getLogger(__name__)
 
-# Computing the LM head only where labels exist is the default; LORA_SIDECAR_FULL_LOGITS=1 computes
-# logits at every position instead (the stock Hugging Face path) so the lever can be measured.
-FULL_LOGITS_ENV = "LORA_SIDECAR_FULL_LOGITS"
-# Measurement switch: LORA_SIDECAR_ATTENTION_MASK=1 passes the attention mask even for right-padded batches.
-ATTENTION_MASK_ENV = "LORA_SIDECAR_ATTENTION_MASK"
 # Measurement switch: LORA_SIDECAR_PEFT_LORA=1 runs peft's own LoRA forward instead of fastlora's.
 PEFT_LORA_ENV = "LORA_SIDECAR_PEFT_LORA"
 # Default micro-batch budget on CPU, in padded tokens: measured on SmolLM2-135M (docs/PERFORMANCE.md),
 # it keeps the activations of a 4 × 255-token batch to half while costing no measurable speed.
 CPU_MICRO_BATCH_TOKENS = 512
-
-# torch's default (one thread per core) is right on a quiet machine; on a shared one, fewer threads
-# than cores avoid OpenMP threads spinning against other processes (measured here with another
-# busy process: 1 thread 92 tokens/s, 2 threads 22-32 tokens/s on SmolLM2).
-THREADS_ENV = "LORA_SIDECAR_THREADS"
-
-ADAPTER_FILE = "adapter_model.safetensors"
-MANIFEST_FILE = "training_manifest.json"
-
-# Config attributes that change logits after the LM head; the selective path does not apply them.
-_LOGIT_MODIFIERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------
-
-def _utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip(".-") or "adapter"
 
 
 def _peak_memory_mb(device: str) -> float:
@@ -83,27 +56,6 @@ def _peak_memory_mb(device: str) -> float:
     return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
 
 
-def _apply_thread_setting() -> None:
-    value = os.environ.get(THREADS_ENV, "").strip()
-    if value:
-        import torch
-
-        try:
-            n = int(value)
-        except ValueError:
-            raise errors.InvalidParams(f"{THREADS_ENV} must be a whole number, not {value!r}") from None
-        if n > 0 and torch.get_num_threads() != n:
-            torch.set_num_threads(n)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def resolve_output_dir(params: wire.TrainParams, job_id: str, now: float) -> Path:
     """``outputPath``, or ``<adapters dir>/<name>-<UTC timestamp>``. An existing non-empty target
     raises OutputExists (checked again just before the final rename)."""
@@ -111,9 +63,9 @@ def resolve_output_dir(params: wire.TrainParams, job_id: str, now: float) -> Pat
         target = Path(params.output_path).expanduser().absolute()
     else:
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = paths.adapters_dir().absolute() / f"{_safe_name(params.name or 'adapter')}-{stamp}"
+        target = paths.adapters_dir().absolute() / f"{safe_name(params.name or 'adapter')}-{stamp}"
         if target.exists():  # two jobs within one second: keep both
-            target = target.with_name(f"{target.name}-{_safe_name(job_id)}")
+            target = target.with_name(f"{target.name}-{safe_name(job_id)}")
     _check_target_free(target)
     return target
 
@@ -123,229 +75,6 @@ def _check_target_free(target: Path) -> None:
         raise errors.OutputExists(f"Output path {target} already exists and is not empty; choose another "
                                   "outputPath or remove it", path=str(target))
 
-
-def lr_multiplier(step: int, total_steps: int, warmup_ratio: float, scheduler: str) -> float:
-    """Learning-rate factor for optimizer step ``step`` (0-based): linear warmup over
-    ``ceil(warmup_ratio * total_steps)`` steps (never 0 at the first step), then linear / cosine
-    decay towards 0 at ``total_steps``, or constant."""
-    warmup = math.ceil(warmup_ratio * total_steps)
-    if step < warmup:
-        return (step + 1) / (warmup + 1)
-    if scheduler == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    if scheduler == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ---------------------------------------------------------------------------------------------
-# LoRA on the cached base model, and taking it off again
-# ---------------------------------------------------------------------------------------------
-
-def default_target_modules(model: Any) -> list[str]:
-    """Names of every linear layer inside the transformer blocks (q, k, v, o, gate, up, down for
-    Llama). The blocks are the largest ``nn.ModuleList``; the LM head and embeddings lie outside it."""
-    import torch.nn as nn
-
-    try:
-        from transformers.pytorch_utils import Conv1D  # GPT-2 style projections
-        linear_types: tuple[type, ...] = (nn.Linear, Conv1D)
-    except ImportError:
-        linear_types = (nn.Linear,)
-    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-    if blocks is None:
-        raise errors.TrainingFailed("Cannot find the transformer blocks of this model; pass targetModules")
-    names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, linear_types)})
-    if not names:
-        raise errors.TrainingFailed("No linear layers found in the transformer blocks; pass targetModules")
-    return names
-
-
-@dataclass
-class _BaseState:
-    """What attaching LoRA (and gradient checkpointing) may change on the cached model, to put back."""
-
-    attrs: set[str]
-    config: dict[str, Any]
-    training: bool
-
-
-def _snapshot(model: Any) -> _BaseState:
-    return _BaseState(set(vars(model)), dict(vars(model.config)), model.training)
-
-
-def detach_lora(model: Any, peft_model: Any, before: _BaseState) -> None:
-    """Remove every LoRA layer without merging and restore the base model's state exactly."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    if peft_model is not None:
-        peft_model.unload()
-    # Whatever peft could not unload (e.g. it failed half-way through injection): swap back by hand.
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer"):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.get_base_layer())
-    if hasattr(model, "activation_checkpointing_disable"):  # transformers >= 5
-        if model.is_activation_checkpointing:
-            model.activation_checkpointing_disable()
-    elif any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
-        model.gradient_checkpointing_disable()
-    if hasattr(model, "disable_input_require_grads"):
-        model.disable_input_require_grads()
-    for attr in set(vars(model)) - before.attrs:
-        delattr(model, attr)
-    for key in set(vars(model.config)) - set(before.config):
-        delattr(model.config, key)
-    for key, value in before.config.items():
-        if key not in vars(model.config) or vars(model.config)[key] != value:
-            setattr(model.config, key, value)
-    model.requires_grad_(False)
-    model.train(before.training)
-    for p in model.parameters():
-        p.grad = None
-
-
-def attach_lora(model: Any, params: wire.TrainParams, base_path: str) -> Any:
-    """Inject LoRA layers into ``model`` in place and return the PeftModel wrapping it."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = params.target_modules or default_target_modules(model)
-    config = LoraConfig(
-        r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout, target_modules=targets,
-        use_rslora=params.use_rslora, use_dora=params.use_dora, bias="none", task_type="CAUSAL_LM",
-    )
-    try:
-        with warnings.catch_warnings():
-            # peft probes the deprecated `is_gradient_checkpointing`; the FutureWarning is noise.
-            warnings.simplefilter("ignore", FutureWarning)
-            peft_model = get_peft_model(model, config)
-    except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
-        raise errors.InvalidParams(f"Cannot attach LoRA: {exc}", field="targetModules") from None
-    # The adapter must name a base that stock from_pretrained can open (the converted cache for the
-    # embedded model), not whatever name_or_path the cached instance happens to carry.
-    peft_model.peft_config["default"].base_model_name_or_path = base_path
-    return peft_model
-
-
-@contextlib.contextmanager
-def attached_adapter(loaded: Any, adapter_path: Optional[str]) -> Iterator[Any]:
-    """Yield the cached model with the adapter at ``adapter_path`` applied (or the plain base model);
-    on exit the adapter is removed and the base model is exactly as before."""
-    if adapter_path is None:
-        yield loaded.model
-        return
-    adapter_dir = Path(adapter_path).expanduser()
-    if not (adapter_dir / "adapter_config.json").is_file():
-        why = "does not exist" if not adapter_dir.exists() else "has no adapter_config.json"
-        raise errors.AdapterNotFound(f"Adapter {adapter_path} {why}", path=str(adapter_path))
-    from peft import PeftModel
-
-    before = _snapshot(loaded.model)
-    peft_model = None
-    try:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # see attach_lora
-                peft_model = PeftModel.from_pretrained(loaded.model, str(adapter_dir), is_trainable=False)
-        except Exception as exc:
-            raise errors.ModelLoadFailed(f"Adapter {adapter_path} cannot be applied to {loaded.name}: "
-                                         f"{type(exc).__name__}: {exc}", path=str(adapter_path)) from exc
-        peft_model.eval()
-        yield peft_model
-    finally:
-        detach_lora(loaded.model, peft_model, before)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
-
-def supports_selective_logits(lm: Any) -> bool:
-    """True when logits are ``lm_head(decoder(x).last_hidden_state)`` with nothing applied after."""
-    if os.environ.get(FULL_LOGITS_ENV, "").strip() not in ("", "0"):
-        return False
-    prefix = getattr(lm, "base_model_prefix", "")
-    if not prefix or not hasattr(lm, prefix) or lm.get_output_embeddings() is None:
-        return False
-    return all(getattr(lm.config, a, None) in (None, 1, 1.0) for a in _LOGIT_MODIFIERS)
-
-
-def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
-    """Sum of next-token cross-entropy over every label (labels are aligned with input_ids).
-
-    ``selective``: run the decoder only, then apply the LM head at the positions whose next token
-    carries a label. With a 49k vocabulary the head dominates a small model's step, and most
-    positions of a chat (system and user turns) have no label.
-    """
-    import torch.nn.functional as F
-
-    shift_labels = batch.labels[:, 1:]
-    # Rows are right-padded and attention is causal, so a real token never sees padding: the mask
-    # changes nothing where labels are, and leaving it out lets SDPA take its causal kernel instead
-    # of a masked one (measured: see docs/PERFORMANCE.md). Padding positions carry no label.
-    keep_mask = not batch.right_padded or os.environ.get(ATTENTION_MASK_ENV, "").strip() not in ("", "0")
-    mask = batch.attention_mask if keep_mask else None
-    if selective:
-        decoder = getattr(lm, lm.base_model_prefix)
-        hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
-        keep = shift_labels != data.IGNORE
-        logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), shift_labels[keep], reduction="sum")
-    logits = lm(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
-                           ignore_index=data.IGNORE, reduction="sum")
-
-
-def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:
-    """Split one batch into micro-batches whose padded size (rows × longest row) fits ``budget``.
-
-    The loss is summed over label tokens and divided by the step's total, so the split changes
-    nothing in the update; it only bounds the activations held at once. A single example longer
-    than the budget still runs whole. ``budget`` 0 means no split.
-    """
-    if budget <= 0 or len(indices) * max(lengths[i] for i in indices) <= budget:
-        return [list(indices)]
-    parts: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in sorted(indices, key=lengths.__getitem__):
-        if current and max(longest, lengths[i]) * (len(current) + 1) > budget:
-            parts.append(current)
-            current, longest = [], 0
-        current.append(i)
-        longest = max(longest, lengths[i])
-    parts.append(current)
-    return parts
-
-
-def evaluate(lm: Any, items: list[data.Tokenized], *, batch_size: int, pad_id: int, device: str,
-             selective: bool, should_stop: Callable[[], bool], on_stop: Callable[[], None]) -> float:
-    """Token-weighted mean loss over ``items`` (dropout off, no gradients)."""
-    import torch
-
-    was_training = lm.training
-    lm.eval()
-    total, count = 0.0, 0
-    try:
-        lengths = [len(t.input_ids) for t in items]
-        order = sorted(range(len(items)), key=lengths.__getitem__)
-        with torch.no_grad():
-            for i in range(0, len(order), batch_size):
-                if should_stop():
-                    on_stop()
-                batch = data.collate(items, order[i:i + batch_size], pad_id, device)
-                total += loss_sum(lm, batch, selective=selective).item()
-                count += batch.label_tokens
-    finally:
-        lm.train(was_training)
-    return total / max(count, 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------------------------
 
 @dataclass
 class _Progress:
@@ -392,7 +121,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
 
     started_wall, started = time.time(), time.monotonic()
     prog = _Progress(job_id, report, started)
-    _apply_thread_setting()
+    apply_thread_setting()
 
     def cancelled() -> None:
         raise errors.RequestCancelled(f"Job {job_id} cancelled", jobId=job_id, stepsCompleted=prog.step)
@@ -439,7 +168,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
 
     model = loaded.model
     device = loaded.device
-    before = _snapshot(model)
+    before = snapshot(model)
     peft_model = None
     tmp: Optional[Path] = None
     renamed = False
@@ -550,7 +279,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         prog.send("saving")
         peft_model.eval()
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.tmp-{_safe_name(job_id)}")
+        tmp = target.with_name(f"{target.name}.tmp-{safe_name(job_id)}")
         if tmp.exists():
             shutil.rmtree(tmp)
         peft_model.save_pretrained(str(tmp), safe_serialization=True)
@@ -618,7 +347,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
               warnings: list[str], adapter_file: Path, selective: bool, target: Path,
               fused_lora: int, micro_tokens: int) -> dict[str, Any]:
-    from . import PROTOCOL_VERSION
+    from .. import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
     hyper = msgspec.to_builtins(msgspec.structs.replace(params, dataset=None, validation_dataset=None))
@@ -630,9 +359,9 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
     return {
         "format": "lora-sidecar.training-manifest/1",
         "jobId": job_id,
-        "receivedAt": _utc(received_at),
-        "startedAt": _utc(started_wall),
-        "finishedAt": _utc(finished_wall),
+        "receivedAt": utc_iso(received_at),
+        "startedAt": utc_iso(started_wall),
+        "finishedAt": utc_iso(finished_wall),
         "sidecar": {"version": __version__, "protocolVersion": PROTOCOL_VERSION},
         "libraries": library_versions(),
         "baseModel": {
@@ -654,54 +383,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
                    "fusedLoraLayers": fused_lora, "microBatchTokens": micro_tokens,
                    "gradientCheckpointing": params.gradient_checkpointing},
         "warnings": warnings,
-        "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": _sha256_file(adapter_file),
+        "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(adapter_file),
                     "bytes": adapter_file.stat().st_size},
     }
 
-
-# ---------------------------------------------------------------------------------------------
-# generate
-# ---------------------------------------------------------------------------------------------
-
-def generate(params: wire.GenerateParams, *, models: Any) -> wire.GenerateResult:
-    """Answer ``messages`` with the warm base model, with the adapter at ``adapterPath`` applied for
-    this call only. Greedy when ``temperature == 0``, else seeded sampling. Returns only new text."""
-    import torch
-    from transformers import GenerationConfig
-
-    if params.adapter_path is not None and not (Path(params.adapter_path).expanduser() / "adapter_config.json").is_file():
-        raise errors.AdapterNotFound(f"Adapter {params.adapter_path} not found (no adapter_config.json there)",
-                                     path=params.adapter_path)
-    _apply_thread_setting()
-    loaded = models.get(params.base_model, device=params.device, dtype=params.dtype,
-                        trust_remote_code=params.trust_remote_code)
-    tok = loaded.tokenizer
-    messages = [{"role": m.role, "content": m.content or ""} for m in params.messages]
-    text = data.render_chat(tok, messages, add_generation_prompt=True)
-    enc = tok(text, add_special_tokens=False, return_tensors="pt")
-    input_ids = enc["input_ids"].to(loaded.device)
-    generation = loaded.model.generation_config
-    eos = generation.eos_token_id if generation.eos_token_id is not None else tok.eos_token_id
-    sampling = params.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=params.max_new_tokens, do_sample=sampling,
-        temperature=params.temperature if sampling else None, top_p=None, top_k=None,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos, eos_token_id=eos,
-    )
-    with attached_adapter(loaded, params.adapter_path) as model, torch.random.fork_rng(devices=[]), \
-            torch.no_grad():
-        torch.manual_seed(params.seed)
-        if loaded.device.startswith("cuda"):
-            torch.cuda.manual_seed(params.seed)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             generation_config=config, output_scores=params.logprobs,
-                             return_dict_in_generate=True)
-    new = out.sequences[0, input_ids.shape[1]:]
-    logprobs = None
-    if params.logprobs:
-        # Scores are the processed logits of each step; with greedy decoding nothing processes them,
-        # so these are the model's own log-probabilities of the tokens it produced.
-        logprobs = [float(torch.log_softmax(score[0].float(), -1)[token]) for score, token in zip(out.scores, new)]
-    return wire.GenerateResult(text=tok.decode(new, skip_special_tokens=True), tokens=int(new.numel()),
-                               base_model=params.base_model, adapter_path=params.adapter_path,
-                               token_ids=new.tolist(), logprobs=logprobs)
