@@ -78,7 +78,7 @@ JobId = Annotated[str, Meta(
     min_length=1, max_length=MAX_JOB_ID, pattern=_NO_CONTROL,
     description="A job id: 1-64 characters, no control characters.")]
 
-RequestId = Union[int, float, str]
+RequestId = Union[str, int, float]
 """A JSON-RPC request id as ``$/cancelRequest`` names it (null, objects and arrays are not ids)."""
 
 
