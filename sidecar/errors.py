@@ -98,8 +98,15 @@ class DuplicateJob(SidecarError):
     CODE, MESSAGE = -32020, "A job with this id is already queued or running"
 
 
+class PathError(SidecarError):
+    """The operating system refused a path the client gave (permission denied, name too long, not a
+    directory, ...): ``data: {field, path, reason, errno}`` names the params field."""
+
+    CODE, MESSAGE = -32040, "Path cannot be used"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
-    Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob,
+    Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob, PathError,
 ]

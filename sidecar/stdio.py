@@ -12,6 +12,7 @@ No torch, no dispatch here.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -21,6 +22,8 @@ from typing import Any, BinaryIO, Literal
 import msgspec
 
 Framing = Literal["ndjson", "lsp"]
+
+log = logging.getLogger("sidecar.stdio")
 
 MAX_MESSAGE_BYTES = int(os.environ.get("LORA_SIDECAR_MAX_MESSAGE_BYTES", 64 * 1024 * 1024))
 _DISCARD_CHUNK = 1 << 20
@@ -36,7 +39,9 @@ def protect_stdout() -> BinaryIO:
     proto_fd = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    return os.fdopen(proto_fd, "wb")
+    # Unbuffered: MessageWriter writes each message whole, so no bytes can stay behind in a
+    # buffer whose flush would fail (and stop the exit) once the parent has gone.
+    return os.fdopen(proto_fd, "wb", buffering=0)
 
 
 @dataclass
@@ -122,7 +127,13 @@ def encode(message: Any) -> bytes:
 
 
 class MessageWriter:
-    """Writes whole messages under one lock, flushed, in the framing asked for."""
+    """Writes whole messages under one lock, in the framing asked for.
+
+    A write that fails (the reader has gone: EPIPE, a closed stream) closes the writer: later
+    messages are dropped and nothing is left buffered, so neither a job nor the exit path can be
+    stopped by a dead stdout. ``write`` never raises for I/O; an unencodable message raises
+    before anything is written.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
@@ -139,8 +150,38 @@ class MessageWriter:
             if self.closed:
                 return
             try:
-                self.stream.write(data)
+                view = memoryview(data)
+                while view:
+                    n = self.stream.write(view)
+                    if n is None:  # a non-blocking stream that is full: treat the reader as gone
+                        raise BlockingIOError("protocol stream would block")
+                    view = view[n:]
                 self.stream.flush()
-            except (BrokenPipeError, ValueError, OSError):
-                # The parent is gone; keep running down cleanly rather than dying mid-job.
-                self.closed = True
+            except (OSError, ValueError) as exc:
+                # BrokenPipeError, a closed file, ...: the parent is gone; keep running down cleanly.
+                log.info("protocol output closed (%s); dropping further messages", type(exc).__name__)
+                self._drop()
+
+    def close(self) -> None:
+        """Stop writing and release the stream; never raises."""
+        with self.lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        self.closed = True
+        stream, self.stream = self.stream, _Discard()
+        try:
+            stream.close()
+        except (OSError, ValueError):  # a buffered stream's final flush can fail the same way
+            pass
+
+
+class _Discard:
+    def write(self, data: Any) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

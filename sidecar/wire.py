@@ -9,7 +9,9 @@ client's types follow from it.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+import functools
+import typing
+from typing import Annotated, Any, Iterator, Literal, Optional, Union
 
 import msgspec
 from msgspec import Meta
@@ -30,6 +32,54 @@ Phase = Literal[
 ]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and paths: one constrained type each, reused by every method's params
+# ---------------------------------------------------------------------------------------------
+# Patterns are searched with Python's ``re``, where ``$`` also matches before a final newline;
+# ``(?!\n)$`` closes that gap and means the same in JavaScript. Limits that a regex cannot state
+# (bytes per path component) are checked by ``decode_params`` for every field whose Meta carries
+# ``extra={"path": ...}``, so a new params Struct gets them by using these types.
+
+MAX_PATH_BYTES = 4096
+MAX_COMPONENT_BYTES = 255
+MAX_JOB_ID = 64
+TMP_SUFFIX_BYTES = len(".tmp-") + MAX_JOB_ID
+"""An output directory is written as ``<name>.tmp-<jobId>`` first: room kept in its last component."""
+
+_NO_CONTROL = r"^[^\x00-\x1f\x7f]*(?!\n)$"
+
+PathText = Annotated[str, Meta(
+    min_length=1, max_length=MAX_PATH_BYTES, pattern=_NO_CONTROL,
+    description="A filesystem path: 1-4096 characters, no control characters (NUL, newline, ...), "
+                "each component at most 255 bytes of UTF-8.",
+    extra={"path": {"component_bytes": MAX_COMPONENT_BYTES}})]
+
+OutputPath = Annotated[str, Meta(
+    min_length=1, max_length=MAX_PATH_BYTES, pattern=_NO_CONTROL,
+    description="A directory to create: a path (1-4096 characters, no control characters) whose last "
+                f"component is at most {MAX_COMPONENT_BYTES - TMP_SUFFIX_BYTES} bytes of UTF-8 (room for the "
+                "temporary name it is written under first).",
+    extra={"path": {"component_bytes": MAX_COMPONENT_BYTES, "last_component_bytes":
+                    MAX_COMPONENT_BYTES - TMP_SUFFIX_BYTES}})]
+
+ModelName = Annotated[str, Meta(
+    min_length=1, max_length=MAX_PATH_BYTES, pattern=_NO_CONTROL,
+    description="A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); "
+                "1-4096 characters, no control characters.",
+    extra={"path": {"component_bytes": MAX_COMPONENT_BYTES}})]
+
+Name = Annotated[str, Meta(
+    min_length=1, max_length=64, pattern=r"^(?!\.\.?(?!\n)$)[^\x00-\x1f\x7f/\\]+(?!\n)$",
+    description="A name: 1-64 characters, no control characters, no `/` or `\\`, not `.` or `..`.")]
+
+JobId = Annotated[str, Meta(
+    min_length=1, max_length=MAX_JOB_ID, pattern=_NO_CONTROL,
+    description="A job id: 1-64 characters, no control characters.")]
+
+RequestId = Union[str, int, float]
+"""A JSON-RPC request id as ``$/cancelRequest`` names it (null, objects and arrays are not ids)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,15 +119,15 @@ class TrainParams(Wire, kw_only=True):
     adapter's manifest.
     """
 
-    base_model: str = "default"
+    base_model: ModelName = "default"
     dataset: Optional[Dataset] = None
-    dataset_path: Optional[str] = None
+    dataset_path: Optional[PathText] = None
     validation_dataset: Optional[Dataset] = None
-    validation_path: Optional[str] = None
+    validation_path: Optional[PathText] = None
     validation_split: Annotated[float, Meta(ge=0, le=0.5)] = 0.0
-    output_path: Optional[str] = None
-    name: Optional[str] = None
-    job_id: Optional[Annotated[str, Meta(min_length=1, max_length=128)]] = None
+    output_path: Optional[OutputPath] = None
+    name: Optional[Name] = None
+    job_id: Optional[JobId] = None
 
     rank: Annotated[int, Meta(gt=0, le=1024)] = 8
     alpha: PositiveFloat = 16.0
@@ -174,7 +224,7 @@ class Progress(Wire, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 
 class CancelParams(Wire, kw_only=True):
-    job_id: str
+    job_id: JobId
 
 
 JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
@@ -218,7 +268,7 @@ class StatusResult(Wire, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 
 class SupportsParams(Wire, kw_only=True):
-    base_model: Optional[str] = None
+    base_model: Optional[ModelName] = None
 
 
 class DeviceInfo(Wire, kw_only=True):
@@ -239,6 +289,8 @@ class Limits(Wire, kw_only=True):
     max_queue: int
     max_message_bytes: int
     max_seq_length: int
+    max_nesting_depth: int
+    """Deepest JSON nesting of one request object (the object itself is level 1)."""
 
 
 class Defaults(Wire, kw_only=True):
@@ -287,8 +339,8 @@ class SupportsResult(Wire, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 
 class GenerateParams(Wire, kw_only=True):
-    base_model: str = "default"
-    adapter_path: Optional[str] = None
+    base_model: ModelName = "default"
+    adapter_path: Optional[PathText] = None
     messages: Annotated[list[Message], Meta(min_length=1)]
     max_new_tokens: Annotated[int, Meta(gt=0, le=4096)] = 128
     temperature: Annotated[float, Meta(ge=0)] = 0.0
@@ -318,6 +370,16 @@ class ShutdownResult(Wire, kw_only=True):
     cancelled_jobs: list[str] = []
 
 
+class CancelRequestParams(Wire, kw_only=True):
+    """Params of the ``$/cancelRequest`` notification (vscode-jsonrpc's CancellationToken)."""
+
+    id: RequestId
+
+
+class ExitParams(Wire, kw_only=True):
+    """Params of the ``exit`` notification: none (any params are ignored)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # errors and envelopes (documentation and JSON Schema only; the server builds these as dicts)
 # ---------------------------------------------------------------------------------------------
@@ -341,12 +403,16 @@ METHODS: dict[str, tuple[type, type]] = {
 NOTIFICATIONS_OUT: dict[str, type] = {"progress": Progress}
 """Notifications the sidecar sends."""
 
-NOTIFICATIONS_IN: tuple[str, ...] = ("exit", "$/cancelRequest")
-"""Notifications the sidecar accepts."""
+NOTIFICATIONS_IN: dict[str, type] = {"exit": ExitParams, "$/cancelRequest": CancelRequestParams}
+"""Notifications the sidecar accepts: name → params type."""
 
 
 def decode_params(params: Any, kind: type) -> Any:
-    """Convert decoded JSON params into ``kind``; raise InvalidParams naming the field."""
+    """Convert decoded JSON params into ``kind``; raise InvalidParams naming the field.
+
+    Besides the constraints in the types, every path field (``PathText``, ``OutputPath``,
+    ``ModelName``, also inside nested Structs and lists) is checked for its length in bytes and
+    the length of each component, so the filesystem never sees a name it would refuse."""
     from .errors import InvalidParams
 
     if params is None:
@@ -354,13 +420,116 @@ def decode_params(params: Any, kind: type) -> Any:
     if isinstance(params, list):
         raise InvalidParams("Params must be an object (by-name), not an array", expected="object")
     try:
-        return msgspec.convert(params, kind)
+        value = msgspec.convert(params, kind)
     except msgspec.ValidationError as exc:
         text = str(exc)
         path = text.rsplit(" - at ", 1)[1].strip("`") if " - at " in text else "$"
         if "unknown field `" in text:
-            path += "." + text.split("unknown field `", 1)[1].split("`", 1)[0]
+            rest = text.split("unknown field `", 1)[1]
+            name = rest.rsplit("` - at `", 1)[0] if " - at `" in rest else rest[:-1]
+            if len(name) > 100:  # a huge key would make a huge message
+                text = f"Object contains unknown field `{_clip(name)}` - at `{path}`"
+            path += "." + _clip(name)
+        elif "matching regex" in text:
+            text = f"Invalid value - at `{path}`: {_description_at(kind, path) or text}"
         raise InvalidParams(f"Invalid params: {text}", detail=text, field=path) from None
+    for field, text, rule in _path_values(value, "$"):
+        _check_path(field, text, rule)
+    return value
+
+
+def _clip(text: str, limit: int = 100) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} characters)"
+
+
+def _check_path(field: str, text: str, rule: dict[str, int]) -> None:
+    from .errors import InvalidParams
+
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate; JSON decoders refuse most, be sure anyway
+        raise InvalidParams(f"Invalid params: `{field}` is not valid Unicode", field=field) from None
+    if len(data) > MAX_PATH_BYTES:
+        raise InvalidParams(f"Invalid params: `{field}` is {len(data)} bytes of UTF-8; the limit is "
+                            f"{MAX_PATH_BYTES}", field=field, limit=MAX_PATH_BYTES)
+    parts = data.split(b"/")
+    for i, part in enumerate(parts):
+        limit = rule.get("last_component_bytes", rule["component_bytes"]) if i == len(parts) - 1 \
+            else rule["component_bytes"]
+        if len(part) > limit:
+            shown = part[:40].decode("utf-8", "replace")
+            raise InvalidParams(
+                f"Invalid params: `{field}` has a path component of {len(part)} bytes ({shown}…); "
+                f"the limit is {limit}", field=field, limit=limit)
+
+
+def _path_meta(tp: Any) -> Optional[dict[str, int]]:
+    if typing.get_origin(tp) is Annotated:
+        for meta in typing.get_args(tp)[1:]:
+            if isinstance(meta, Meta) and meta.extra and "path" in meta.extra:
+                return meta.extra["path"]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _path_plan(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
+    """Fields of Struct ``cls`` that hold paths: (attribute, wire name, kind, rule or Struct type),
+    kind being ``path``, ``paths``, ``struct`` or ``structs``. Cached per type."""
+    plan = []
+    for f in msgspec.structs.fields(cls):
+        tp, many = f.type, False
+        if typing.get_origin(tp) is Union:
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                continue
+            tp = args[0]
+        if typing.get_origin(tp) is list:
+            tp, many = typing.get_args(tp)[0], True
+        rule = _path_meta(tp)
+        if rule is not None:
+            plan.append((f.name, f.encode_name, "paths" if many else "path", rule))
+        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct) and _path_plan(tp):
+            plan.append((f.name, f.encode_name, "structs" if many else "struct", tp))
+    return tuple(plan)
+
+
+def _path_values(obj: Any, at: str) -> Iterator[tuple[str, str, dict[str, int]]]:
+    if not isinstance(obj, msgspec.Struct):
+        return
+    for attr, wire_name, kind, rule in _path_plan(type(obj)):
+        value = getattr(obj, attr)
+        if value is None:
+            continue
+        field = f"{at}.{wire_name}"
+        if kind == "path":
+            yield field, value, rule
+        elif kind == "paths":
+            for i, item in enumerate(value):
+                yield f"{field}[{i}]", item, rule
+        elif kind == "struct":
+            yield from _path_values(value, field)
+        else:
+            for i, item in enumerate(value):
+                yield from _path_values(item, f"{field}[{i}]")
+
+
+def _description_at(kind: type, path: str) -> Optional[str]:
+    """The ``description`` of the constrained type at a top-level ``$.field`` of Struct ``kind``."""
+    name = path[2:] if path.startswith("$.") else None
+    if not name or not (isinstance(kind, type) and issubclass(kind, msgspec.Struct)):
+        return None
+    for f in msgspec.structs.fields(kind):
+        if f.encode_name == name:
+            tp = f.type
+            stack = [tp]
+            while stack:
+                tp = stack.pop()
+                if typing.get_origin(tp) is Annotated:
+                    for meta in typing.get_args(tp)[1:]:
+                        if isinstance(meta, Meta) and meta.description:
+                            return meta.description
+                stack.extend(typing.get_args(tp))
+    return None
 
 
 def to_builtins(obj: Any) -> Any:
@@ -369,12 +538,14 @@ def to_builtins(obj: Any) -> Any:
 
 def json_schema() -> dict[str, Any]:
     """JSON Schema (2020-12) of every params, result and notification type, with a method index."""
-    types = [p for pair in METHODS.values() for p in pair] + list(NOTIFICATIONS_OUT.values()) + [ErrorObject]
+    types = ([p for pair in METHODS.values() for p in pair] + list(NOTIFICATIONS_OUT.values())
+             + list(NOTIFICATIONS_IN.values()) + [ErrorObject])
     _, components = msgspec.json.schema_components(types, ref_template="#/$defs/{name}")
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "lora-sidecar JSON-RPC protocol",
         "methods": {name: {"params": p.__name__, "result": r.__name__} for name, (p, r) in METHODS.items()},
         "notifications": {name: t.__name__ for name, t in NOTIFICATIONS_OUT.items()},
+        "notificationsIn": {name: t.__name__ for name, t in NOTIFICATIONS_IN.items()},
         "$defs": components,
     }

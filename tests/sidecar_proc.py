@@ -16,6 +16,34 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
+HOOKED_ARGV = [sys.executable, "-c",
+               "import sys, tests.hooks; tests.hooks.install(); from sidecar.cli import main; sys.exit(main())"]
+"""The sidecar with the test hooks of tests/hooks.py installed (run from the repository root)."""
+
+
+def process_gone(pid: int) -> bool:
+    """True when ``pid`` no longer runs (absent, or a zombie nobody has reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a running process (Linux)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
 
 class Sidecar:
     """A spawned ``python -m sidecar`` (or any argv) with a reader thread that checks every stdout message.

@@ -114,7 +114,7 @@ def test_bad_input_gets_errors_and_the_server_keeps_serving(sidecar):
     sidecar.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"supports"\n')  # truncated
     sidecar.send_raw(b"\xff\xfe\xfd garbage\n")
     sidecar.send_raw(b"J" * 1_000_000 + b"\n")
-    sidecar.send_raw(b'{"jsonrpc":"2.0","id":2}\n')  # no method
+    sidecar.send_raw(b'{"jsonrpc":"2.0","id":"raw-2"}\n')  # no method: -32600 answered with its id
     sidecar.send_raw(b"[]\n")
     parse_errors = []
     deadline = time.monotonic() + 30

@@ -28,6 +28,7 @@ export const ErrorCodes = {
   AdapterNotFound: -32018,
   OutputExists: -32019,
   DuplicateJob: -32020,
+  PathError: -32040,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

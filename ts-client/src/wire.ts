@@ -6,7 +6,16 @@
 // (null where absent).
 
 export interface CancelParams {
+  /**
+   * A job id: 1-64 characters, no control characters.
+   * Constraints: length >= 1, length <= 64.
+   */
   jobId: string;
+}
+
+/** Params of the `$/cancelRequest` notification (vscode-jsonrpc's CancellationToken). */
+export interface CancelRequestParams {
+  id: string | number;
 }
 
 export interface CancelResult {
@@ -60,9 +69,18 @@ export interface Example {
   metadata?: Record<string, unknown> | null;
 }
 
+/** Params of the `exit` notification: none (any params are ignored). */
+export interface ExitParams {
+}
+
 export interface GenerateParams {
-  /** @default "default" */
+  /**
+   * A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); 1-4096 characters, no control characters.
+   * Constraints: length >= 1, length <= 4096.
+   * @default "default"
+   */
   baseModel?: string;
+  /** Constraints: length >= 1, length <= 4096. */
   adapterPath?: string | null;
   /** Constraints: items >= 1. */
   messages: Message[];
@@ -135,6 +153,8 @@ export interface Limits {
   maxMessageBytes: number;
   /** Constraints: an integer. */
   maxSeqLength: number;
+  /** Constraints: an integer. */
+  maxNestingDepth: number;
 }
 
 /** One chat turn. `role` is checked by the dataset layer (DatasetInvalid names the example). */
@@ -209,6 +229,7 @@ export interface StatusResult {
 }
 
 export interface SupportsParams {
+  /** Constraints: length >= 1, length <= 4096. */
   baseModel?: string | null;
 }
 
@@ -268,20 +289,28 @@ export interface TrainMetrics {
  * adapter's manifest.
  */
 export interface TrainParams {
-  /** @default "default" */
+  /**
+   * A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); 1-4096 characters, no control characters.
+   * Constraints: length >= 1, length <= 4096.
+   * @default "default"
+   */
   baseModel?: string;
   dataset?: Dataset | null;
+  /** Constraints: length >= 1, length <= 4096. */
   datasetPath?: string | null;
   validationDataset?: Dataset | null;
+  /** Constraints: length >= 1, length <= 4096. */
   validationPath?: string | null;
   /**
    * Constraints: >= 0, <= 0.5.
    * @default 0
    */
   validationSplit?: number;
+  /** Constraints: length >= 1, length <= 4096. */
   outputPath?: string | null;
+  /** Constraints: length >= 1, length <= 64. */
   name?: string | null;
-  /** Constraints: length >= 1, length <= 128. */
+  /** Constraints: length >= 1, length <= 64. */
   jobId?: string | null;
   /**
    * Constraints: an integer, > 0, <= 1024.

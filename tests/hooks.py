@@ -1,0 +1,78 @@
+"""Test hooks for the real sidecar process, switched on by environment variables.
+
+Run the sidecar as ``HOOKED_ARGV`` (tests/sidecar_proc.py) to install them. They wrap the server's
+job runners (``Server._run_train`` / ``Server._run_generate``), never the training code, so they
+hold whatever the runners call:
+
+- ``LORA_SIDECAR_TEST_HOLD=<phase>:<seconds>`` — when a train job reports ``<phase>`` (``loading``,
+  ``preparing``, ``training``, ``saving``) for the first time, or before a ``generate`` job starts
+  (phase ``generating``), sleep that long without looking at cancellation: an operation that
+  cannot be interrupted, like loading a large model.
+- ``LORA_SIDECAR_TEST_HOLD_MARKER=<file>`` — touched when the hold begins, so a test knows.
+- ``LORA_SIDECAR_TEST_BREAK=handle`` — handling a message whose bytes contain ``BOOM`` raises (a bug
+  in the server); ``=reader`` — reading the second message raises (the input stream breaks).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def _hold(phase: str) -> bool:
+    spec = os.environ.get("LORA_SIDECAR_TEST_HOLD", "")
+    want, _, seconds = spec.partition(":")
+    if want != phase:
+        return False
+    marker = os.environ.get("LORA_SIDECAR_TEST_HOLD_MARKER")
+    if marker:
+        Path(marker).touch()
+    time.sleep(float(seconds or 60))
+    return True
+
+
+def install() -> None:
+    from sidecar.server import Server
+
+    real_train, real_generate = Server._run_train, Server._run_generate
+
+    def _run_train(self, job, report, should_stop):
+        held = []
+
+        def hooked(progress):
+            report(progress)
+            if not held and _hold(progress.phase):
+                held.append(progress.phase)
+
+        return real_train(self, job, hooked, should_stop)
+
+    def _run_generate(self, job, report, should_stop):
+        _hold("generating")
+        return real_generate(self, job, report, should_stop)
+
+    Server._run_train = _run_train
+    Server._run_generate = _run_generate
+
+    broken = os.environ.get("LORA_SIDECAR_TEST_BREAK")
+    if broken == "handle":
+        real_handle = Server._handle
+
+        def _handle(self, body, framing, received_at):
+            if b"BOOM" in body:
+                raise RuntimeError("test hook: handling this message fails")
+            return real_handle(self, body, framing, received_at)
+
+        Server._handle = _handle
+    elif broken == "reader":
+        from sidecar.stdio import FrameReader
+
+        real_read, reads = FrameReader.read, []
+
+        def read(self):
+            reads.append(1)
+            if len(reads) == 2:
+                raise OSError("test hook: the input stream broke")
+            return real_read(self)
+
+        FrameReader.read = read
