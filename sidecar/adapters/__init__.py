@@ -1,0 +1,1 @@
+"""Adapters: residency, stacking, composition, export."""
