@@ -360,8 +360,9 @@ class ExportResult(Wire, kw_only=True):
     sha256: str
     """Of the .gguf file, or of the merged checkpoint's weights (its largest file)."""
     bytes: int
-    """Every file written, together."""
+    """Size of the output: the .gguf file, or every file of the merged checkpoint."""
     files: list[ExportedFile]
+    """Every file written (with the Modelfile)."""
     modelfile_path: Optional[str] = None
     """Ollama Modelfile written beside a ``gguf-lora`` export whose base is a .gguf file."""
     base_model: str

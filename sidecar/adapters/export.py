@@ -108,12 +108,13 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
             _remove(leftover)
 
     files = [_describe(p) for p in _files_of(target)]
+    main = max(files, key=lambda f: f.bytes)
+    total = sum(f.bytes for f in files)
     if modelfile is not None:
         files.append(_describe(modelfile))
-    main = max((f for f in files if f.path != str(modelfile)), key=lambda f: f.bytes)
     result = wire.ExportResult(
         format=fmt, adapter_path=str(source.path), output_path=str(target), out_type=out_type, sha256=main.sha256,
-        bytes=sum(f.bytes for f in files), files=files, modelfile_path=str(modelfile) if modelfile else None,
+        bytes=total, files=files, modelfile_path=str(modelfile) if modelfile else None,
         base_model=base.name, base_gguf=str(base.gguf_path) if base.gguf_path else None, adapted_weights=adapted,
         lora_alpha=alpha, duration_ms=round((time.monotonic() - started) * 1000), warnings=warnings)
     result.manifest_updated = record_export(source, result)

@@ -92,7 +92,8 @@ def layout_for(config: dict[str, Any], base_gguf: Optional[Path], fmt: str) -> G
     model_type = str(config.get("model_type") or "unknown")
     by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
     if model_type not in ARCHITECTURES:
-        known = model_type in by_name or model_type.replace("_", "-") in by_name
+        # transformers and gguf spell some names differently (gpt_neox / gptneox)
+        known = any(n in by_name for n in (model_type, model_type.replace("_", "-"), model_type.replace("_", "")))
         why = ("gguf has a tensor map for it, but its GGUF layout (row order, fused tensors) is not one this "
                "exporter writes" if known else "gguf has no tensor map for this architecture")
         raise errors.ExportRefused(
