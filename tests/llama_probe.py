@@ -2,8 +2,9 @@
 
 Reads a JSON list of jobs on stdin, prints one JSON list of answers on stdout's last line:
 
-    {"model": PATH, "lora": PATH|null, "loraScale": 1.0, "ids": [...]}
+    {"model": PATH, "lora": PATH|null, "loraScale": 1.0, "ids": [...], "f32Cache": false}
         → {"logprobs": [...]}: teacher-forced log-probability of ids[i+1] after ids[:i+1]
+          (``f32Cache``: keep the KV cache in float32 instead of llama.cpp's default f16)
     {"model": PATH, "lora": PATH|null, "chat": QUESTION, "maxTokens": 24}
         → {"text": ...}: greedy chat completion with the model file's own chat template
 
@@ -26,6 +27,8 @@ def run(job: dict) -> dict:
     if job.get("lora"):
         kwargs.update(lora_path=job["lora"], lora_scale=float(job.get("loraScale", 1.0)))
     ids = job.get("ids") or []
+    if job.get("f32Cache"):
+        kwargs.update(type_k=0, type_v=0)  # GGML_TYPE_F32
     llm = Llama(job["model"], n_ctx=max(512, len(ids) + 8), logits_all=bool(ids), verbose=False, seed=0,
                 n_threads=min(2, os.cpu_count() or 1), **kwargs)
     try:

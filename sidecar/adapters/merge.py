@@ -43,7 +43,11 @@ def _load_base_fp32(base: BaseModel) -> Any:
         config_dict.pop("_name_or_path", None)
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(model.state_dict(), strict=False)
+        missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise errors.ModelLoadFailed(f"The weights read from {base.hf_gguf_file} do not match its architecture",
+                                         missing=missing[:10], unexpected=unexpected[:10])
         plain.generation_config = model.generation_config
         model = plain
     model.eval()

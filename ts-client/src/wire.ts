@@ -60,6 +60,48 @@ export interface Example {
   metadata?: Record<string, unknown> | null;
 }
 
+/** Parameters of `adapters/export`: exactly one of `adapterPath` and `id`. */
+export interface ExportParams {
+  adapterPath?: string | null;
+  id?: string | null;
+  format: "gguf-lora" | "merged" | "merged-gguf";
+  outputPath?: string | null;
+  outType?: "bf16" | "f16" | "f32" | "q8_0" | null;
+  /** @default false */
+  overwrite?: boolean;
+  baseModel?: string | null;
+}
+
+export interface ExportResult {
+  format: "gguf-lora" | "merged" | "merged-gguf";
+  adapterPath: string;
+  outputPath: string;
+  outType: "bf16" | "f16" | "f32" | "q8_0";
+  sha256: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  files: ExportedFile[];
+  modelfilePath: string | null;
+  baseModel: string;
+  baseGguf: string | null;
+  /** Constraints: an integer. */
+  adaptedWeights: number;
+  loraAlpha: number | null;
+  /** @default false */
+  manifestUpdated: boolean;
+  /** Constraints: an integer. */
+  durationMs: number;
+  /** @default [] */
+  warnings: string[];
+}
+
+export interface ExportedFile {
+  path: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  sha256: string;
+}
+
 export interface GenerateParams {
   /** @default "default" */
   baseModel?: string;
@@ -105,7 +147,7 @@ export interface GenerateResult {
 export interface JobInfo {
   jobId: string;
   /** @default "train" */
-  kind: "generate" | "train";
+  kind: "export" | "generate" | "train";
   state: "cancelled" | "completed" | "failed" | "queued" | "running";
   phase: "cancelled" | "completed" | "evaluating" | "failed" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
@@ -398,6 +440,7 @@ export interface Methods {
   cancel: { params: CancelParams; result: CancelResult };
   status: { params: StatusParams; result: StatusResult };
   generate: { params: GenerateParams; result: GenerateResult };
+  "adapters/export": { params: ExportParams; result: ExportResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
 
@@ -406,6 +449,6 @@ export interface Notifications {
   progress: Progress;
 }
 
-export const METHOD_NAMES = ["supports","train","cancel","status","generate","shutdown"] as const;
+export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown"] as const;
 
 export const NOTIFICATION_NAMES = ["progress"] as const;
