@@ -191,8 +191,8 @@ import importlib, importlib.metadata as md, importlib.util, pathlib, platform, s
 repo, dev, quick = pathlib.Path(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "quick"
 broken_file = pathlib.Path(sys.argv[4])
 mods = ["torch", "transformers", "peft", "trl", "datasets", "accelerate", "jsonrpcserver", "msgspec",
-        "gguf", "safetensors", "sidecar"] + (["pytest", "pytest_timeout"] if dev else [])
-dists = {"sidecar": "lora-sidecar", "pytest_timeout": "pytest-timeout"}
+        "gguf", "safetensors", "sidecar"] + (["pytest", "pytest_timeout", "llama_cpp"] if dev else [])
+dists = {"sidecar": "lora-sidecar", "pytest_timeout": "pytest-timeout", "llama_cpp": "llama-cpp-python"}
 failed, versions, broken = [], {}, []
 for name in mods:
     try:

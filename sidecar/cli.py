@@ -4,6 +4,7 @@
     lora-sidecar schema                          JSON Schema of every wire message
     lora-sidecar train --config C --output DIR   one-shot job, old peft-train.py config keys
     lora-sidecar demo                            README command 1
+    lora-sidecar export --format F ADAPTER_DIR   an adapter as gguf-lora / merged / merged-gguf
     lora-sidecar --version
 """
 
@@ -28,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a small adapter on the embedded model and compare answers")
     demo.add_argument("--model", default="default", help="base model (default: the embedded SmolLM2-135M)")
     demo.add_argument("--output", help="where to write the demo adapter")
+    export = sub.add_parser("export", help="export an adapter for llama.cpp, Ollama or transformers")
+    export.add_argument("adapter", metavar="ADAPTER_DIR", help="the adapter directory (adapter_config.json, ...)")
+    export.add_argument("--format", required=True, choices=["gguf-lora", "merged", "merged-gguf"])
+    export.add_argument("-o", "--output", help="output file (GGUF) or directory (merged); default: ADAPTER_DIR/exports/")
+    export.add_argument("--out-type", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="tensor encoding (default f16 for GGUF, the base's dtype for merged)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing export at the output path")
+    export.add_argument("--base-model", help="the adapter's base model, when its manifest/config does not resolve")
+    export.add_argument("--json", action="store_true", help="print the result as JSON (the method's result)")
     args = parser.parse_args(argv)
 
     if args.command in (None, "serve"):
@@ -48,5 +58,35 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(model=args.model, output=args.output)
+    if args.command == "export":
+        return _export(args)
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    import logging
+
+    from . import errors, wire
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    from .adapters.export import export_adapter
+
+    try:
+        result = export_adapter(args.adapter, args.format, output_path=args.output, out_type=args.out_type,
+                                overwrite=args.overwrite, base_model=args.base_model)
+    except errors.SidecarError as exc:
+        print(f"lora-sidecar export: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(wire.to_builtins(result), indent=2))
+        return 0
+    print(f"{result.format} ({result.out_type}): {result.output_path}  "
+          f"[{result.bytes / 2**20:.1f} MiB, sha256 {result.sha256[:16]}…, {result.duration_ms} ms]")
+    if result.modelfile_path:
+        print(f"Ollama Modelfile: {result.modelfile_path}")
+    if result.base_gguf and result.format == "gguf-lora":
+        print(f"llama.cpp: llama-cli -m {result.base_gguf} --lora {result.output_path}")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return 0

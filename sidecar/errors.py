@@ -105,8 +105,21 @@ class PathError(SidecarError):
     CODE, MESSAGE = -32040, "Path cannot be used"
 
 
+class ExportRefused(SidecarError):
+    """The adapter holds something the export format cannot represent; the message says what to do instead."""
+
+    CODE, MESSAGE = -32030, "Adapter cannot be exported to this format"
+
+
+class ExportFailed(SidecarError):
+    """Writing an export failed (nothing is left at the output path)."""
+
+    CODE, MESSAGE = -32031, "Export failed"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
     Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob, PathError,
+    ExportRefused, ExportFailed,
 ]

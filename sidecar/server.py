@@ -219,7 +219,8 @@ class Server:
         self.exit_requested = False
         self._stopping = threading.Lock()
         self._parent_pid = os.getppid()
-        self.jobs = JobQueue({"train": self._job_runner("_run_train"), "generate": self._job_runner("_run_generate")},
+        self.jobs = JobQueue({"train": self._job_runner("_run_train"), "generate": self._job_runner("_run_generate"),
+                              "export": self._job_runner("_run_export")},
                              notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
         self.methods = {
             "supports": _handler(self.supports),
@@ -227,6 +228,7 @@ class Server:
             "cancel": _handler(self.cancel),
             "status": _handler(self.status),
             "generate": _handler(self.generate),
+            "adapters/export": _handler(self.export_adapter),
             "shutdown": _handler(self.shutdown),
             "exit": _handler(self.exit),
             "$/cancelRequest": _handler(self.cancel_request),
@@ -267,6 +269,15 @@ class Server:
                 raise mapped from exc
 
         return run
+
+    def _run_export(self, job: Job, report, should_stop) -> wire.ExportResult:
+        # On the worker like train and generate: a merge reads a full fp32 copy of the base, which
+        # must not run beside a training job, and the warm cache is consulted without locking.
+        from .adapters.export import export_adapter
+
+        p = job.params
+        return export_adapter(p.adapter_path, p.format, output_path=p.output_path, out_type=p.out_type,
+                              overwrite=p.overwrite, base_model=p.base_model, models=self._models)
 
     def _notify(self, job: Job, progress: wire.Progress) -> None:
         self.writer.write({"jsonrpc": "2.0", "method": "progress", "params": wire.to_builtins(progress)},
@@ -350,6 +361,23 @@ class Server:
                                request_id=ctx.request_id, framing=ctx.framing)
         ctx.accepted.set()
         return wire.to_builtins(job.future.result())
+
+    def export_adapter(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.ExportParams)
+        if (p.adapter_path is None) == (p.id is None):
+            raise errors.InvalidParams("Give exactly one of adapterPath and id", field="$.adapterPath")
+        if p.id is not None:
+            p = msgspec.structs.replace(p, adapter_path=self._adapter_dir_for_id(p.id))
+        job = self.jobs.submit("export", p, job_id=None, base_model=p.base_model or p.adapter_path,
+                               received_at=ctx.received_at, request_id=ctx.request_id, framing=ctx.framing)
+        ctx.accepted.set()
+        return wire.to_builtins(job.future.result())
+
+    def _adapter_dir_for_id(self, adapter_id: str) -> str:
+        """The directory of the resident adapter ``adapter_id``. Resident adapters (the registry in
+        adapters/resident.py) are not part of this build yet: every id is unknown."""
+        raise errors.AdapterNotFound(f"No resident adapter {adapter_id!r}: resident adapters are not available in "
+                                     "this sidecar yet; pass adapterPath instead", id=adapter_id)
 
     def cancel(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelParams)

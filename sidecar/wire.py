@@ -239,7 +239,7 @@ class CancelResult(Wire, kw_only=True):
 
 class JobInfo(Wire, kw_only=True):
     job_id: str
-    kind: Literal["train", "generate"] = "train"
+    kind: Literal["train", "generate", "export"] = "train"
     state: JobState
     phase: Optional[Phase] = None
     base_model: str
@@ -381,6 +381,66 @@ class ExitParams(Wire, kw_only=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# adapters/export
+# ---------------------------------------------------------------------------------------------
+
+ExportFormat = Literal["gguf-lora", "merged", "merged-gguf"]
+OutType = Literal["f32", "f16", "bf16", "q8_0"]
+
+
+class ExportParams(Wire, kw_only=True):
+    """Parameters of ``adapters/export``: exactly one of ``adapterPath`` and ``id``."""
+
+    adapter_path: Optional[PathText] = None
+    id: Optional[str] = None
+    """A resident adapter's id (instead of ``adapterPath``)."""
+    format: ExportFormat
+    output_path: Optional[PathText] = None
+    """A file (GGUF formats) or directory (``merged``); default: under ``<adapter>/exports/``. An
+    existing directory given for a GGUF format receives the file under its default name."""
+    out_type: Optional[OutType] = None
+    """Tensor encoding. Default ``f16`` for the GGUF formats; for ``merged`` the base checkpoint's
+    own dtype (``q8_0`` is GGUF only)."""
+    overwrite: bool = False
+    """Replace an existing export at the output path (atomically) instead of failing with -32019."""
+    base_model: Optional[ModelName] = None
+    """The adapter's base model, for adapters whose manifest / adapter_config does not resolve."""
+
+
+class ExportedFile(Wire, kw_only=True):
+    path: str
+    bytes: int
+    sha256: str
+
+
+class ExportResult(Wire, kw_only=True):
+    format: ExportFormat
+    adapter_path: str
+    output_path: str
+    """The .gguf file, or the merged checkpoint's directory."""
+    out_type: OutType
+    sha256: str
+    """Of the .gguf file, or of the merged checkpoint's weights (its largest file)."""
+    bytes: int
+    """Size of the output: the .gguf file, or every file of the merged checkpoint."""
+    files: list[ExportedFile]
+    """Every file written (with the Modelfile)."""
+    modelfile_path: Optional[str] = None
+    """Ollama Modelfile written beside a ``gguf-lora`` export whose base is a .gguf file."""
+    base_model: str
+    base_gguf: Optional[str] = None
+    """The base model's .gguf file, when it is one (the file to load the LoRA with in llama.cpp)."""
+    adapted_weights: int
+    """Number of base weights the adapter changes (LoRA pairs written, or weights merged)."""
+    lora_alpha: Optional[float] = None
+    """``gguf-lora``: the ``adapter.lora.alpha`` written (llama.cpp scales by it / rank)."""
+    manifest_updated: bool = False
+    """Whether the export was recorded in the adapter's training_manifest.json (absent: not ours)."""
+    duration_ms: int
+    warnings: list[str] = []
+
+
+# ---------------------------------------------------------------------------------------------
 # errors and envelopes (documentation and JSON Schema only; the server builds these as dicts)
 # ---------------------------------------------------------------------------------------------
 
@@ -396,6 +456,7 @@ METHODS: dict[str, tuple[type, type]] = {
     "cancel": (CancelParams, CancelResult),
     "status": (StatusParams, StatusResult),
     "generate": (GenerateParams, GenerateResult),
+    "adapters/export": (ExportParams, ExportResult),
     "shutdown": (ShutdownParams, ShutdownResult),
 }
 """Request methods: name → (params type, result type)."""

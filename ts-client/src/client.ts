@@ -21,6 +21,8 @@ import {
 import { StdioTransport } from "./transport.js";
 import type {
   CancelResult,
+  ExportParams,
+  ExportResult,
   GenerateParams,
   GenerateResult,
   Methods,
@@ -213,6 +215,15 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
 
   generate(params: GenerateParams, options?: CallOptions): Promise<GenerateResult> {
     return this.request("generate", params, options);
+  }
+
+  /**
+   * Export an adapter (`adapters/export`): `gguf-lora` for llama.cpp / Ollama, `merged` (a
+   * transformers checkpoint) or `merged-gguf`. Refusals reject with code -32030
+   * (`ErrorCodes.ExportRefused`) and a message saying which format to use instead.
+   */
+  exportAdapter(params: ExportParams, options?: CallOptions): Promise<ExportResult> {
+    return this.request("adapters/export", params, options);
   }
 
   /** Ask the sidecar to stop (it cancels its jobs). Follow with dispose(), which also sends `exit`. */

@@ -29,6 +29,8 @@ export const ErrorCodes = {
   OutputExists: -32019,
   DuplicateJob: -32020,
   PathError: -32040,
+  ExportRefused: -32030,
+  ExportFailed: -32031,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

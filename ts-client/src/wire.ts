@@ -73,6 +73,51 @@ export interface Example {
 export interface ExitParams {
 }
 
+/** Parameters of `adapters/export`: exactly one of `adapterPath` and `id`. */
+export interface ExportParams {
+  /** Constraints: length >= 1, length <= 4096. */
+  adapterPath?: string | null;
+  id?: string | null;
+  format: "gguf-lora" | "merged" | "merged-gguf";
+  /** Constraints: length >= 1, length <= 4096. */
+  outputPath?: string | null;
+  outType?: "bf16" | "f16" | "f32" | "q8_0" | null;
+  /** @default false */
+  overwrite?: boolean;
+  /** Constraints: length >= 1, length <= 4096. */
+  baseModel?: string | null;
+}
+
+export interface ExportResult {
+  format: "gguf-lora" | "merged" | "merged-gguf";
+  adapterPath: string;
+  outputPath: string;
+  outType: "bf16" | "f16" | "f32" | "q8_0";
+  sha256: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  files: ExportedFile[];
+  modelfilePath: string | null;
+  baseModel: string;
+  baseGguf: string | null;
+  /** Constraints: an integer. */
+  adaptedWeights: number;
+  loraAlpha: number | null;
+  /** @default false */
+  manifestUpdated: boolean;
+  /** Constraints: an integer. */
+  durationMs: number;
+  /** @default [] */
+  warnings: string[];
+}
+
+export interface ExportedFile {
+  path: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  sha256: string;
+}
+
 export interface GenerateParams {
   /**
    * A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); 1-4096 characters, no control characters.
@@ -123,7 +168,7 @@ export interface GenerateResult {
 export interface JobInfo {
   jobId: string;
   /** @default "train" */
-  kind: "generate" | "train";
+  kind: "export" | "generate" | "train";
   state: "cancelled" | "completed" | "failed" | "queued" | "running";
   phase: "cancelled" | "completed" | "evaluating" | "failed" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
@@ -427,6 +472,7 @@ export interface Methods {
   cancel: { params: CancelParams; result: CancelResult };
   status: { params: StatusParams; result: StatusResult };
   generate: { params: GenerateParams; result: GenerateResult };
+  "adapters/export": { params: ExportParams; result: ExportResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
 }
 
@@ -435,6 +481,6 @@ export interface Notifications {
   progress: Progress;
 }
 
-export const METHOD_NAMES = ["supports","train","cancel","status","generate","shutdown"] as const;
+export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown"] as const;
 
 export const NOTIFICATION_NAMES = ["progress"] as const;

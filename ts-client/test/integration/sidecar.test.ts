@@ -9,7 +9,7 @@ import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
 import { SidecarClient } from "../../src/client.js";
-import { SidecarCancelledError, SidecarError, SidecarExitedError } from "../../src/errors.js";
+import { ErrorCodes, SidecarCancelledError, SidecarError, SidecarExitedError } from "../../src/errors.js";
 import type { Progress, TrainParams } from "../../src/wire.js";
 import { PHASE_ORDER, chatExamples, requireEnvironment, tempDir, tinyModel } from "./helpers.js";
 
@@ -87,6 +87,22 @@ describe("SidecarClient with the real sidecar", () => {
     });
     assert.equal(typeof r.text, "string");
     assert.ok(r.tokens > 0 && r.tokens <= 4);
+  });
+
+  it("exportAdapter: a GGUF LoRA file is written and recorded; a format the adapter cannot take is refused", async () => {
+    const adapterPath = join(out, "first");
+    const r = await client.exportAdapter({ adapterPath, format: "gguf-lora", outputPath: join(out, "first.gguf") });
+    assert.equal(r.format, "gguf-lora");
+    assert.equal(r.outType, "f16");
+    assert.ok(existsSync(r.outputPath) && r.bytes > 0 && r.sha256.length === 64);
+    assert.equal(r.manifestUpdated, true);
+    const manifest = JSON.parse(readFileSync(join(adapterPath, "training_manifest.json"), "utf8"));
+    assert.equal(manifest.exports.at(-1).sha256, r.sha256);
+
+    const err = await client.exportAdapter({ adapterPath, format: "merged-gguf" }).catch((e) => e);
+    assert.ok(err instanceof SidecarError, String(err));
+    assert.equal(err.code, ErrorCodes.ExportRefused);
+    assert.equal((err.data as { reason?: string }).reason, "base-not-gguf");
   });
 
   it("abort mid-training rejects as cancelled, and the next train succeeds", async () => {

@@ -1,0 +1,236 @@
+"""Where a transformers weight lives in a GGUF model, and in which row order.
+
+llama.cpp's converter (convert_hf_to_gguf.py) renames every tensor with gguf's own tables
+(``gguf.get_tensor_name_map``) and, for the Llama family, permutes the rows of ``q_proj`` and
+``k_proj`` per head (its rotary embedding pairs neighbouring rows, transformers' pairs the two
+halves). Anything added to those weights — a LoRA's ``B`` (its rows are output rows) or a merged
+delta — must be permuted the same way; ``A`` (input columns) never is.
+
+``check_against_base`` verifies the layout on the real base file: every tensor exists with the
+expected shape, and a dequantized ``attn_q``/``attn_k`` from the GGUF matches the checkpoint's
+weight in the row order this module assumes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .. import errors
+
+ARCHITECTURES: dict[str, tuple[str, bool]] = {
+    # transformers model_type: (GGUF architecture, q/k rows permuted by llama.cpp's converter)
+    "llama": ("llama", True),     # verified by the round-trip tests against llama.cpp
+    "mistral": ("llama", True),   # converted by llama.cpp's LlamaModel class, like llama
+    "qwen2": ("qwen2", False),    # NEOX-style rotary: rows kept as they are
+    "qwen3": ("qwen3", False),
+}
+"""Architectures this exporter writes. With a GGUF base file the row order is also checked on the
+file itself (``check_against_base``), so a wrong entry fails the export instead of producing a
+wrong adapter."""
+
+SUPPORTED = ", ".join(sorted(ARCHITECTURES))
+
+
+@dataclass(frozen=True)
+class GgufLayout:
+    arch: str
+    """GGUF ``general.architecture`` (must equal the base file's for llama.cpp to load an adapter)."""
+    n_blocks: int
+    n_head: int
+    n_head_kv: int
+    permute_qk: bool
+    name_map: Any
+
+    def tensor_name(self, module: str) -> Optional[str]:
+        """``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q.weight``; None when unmapped."""
+        return self.name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+
+    def heads_of(self, gguf_name: str) -> Optional[int]:
+        """Head count whose row permutation applies to ``gguf_name``; None when rows stay put."""
+        if not self.permute_qk:
+            return None
+        kind = gguf_name.rsplit(".", 2)[-2] if gguf_name.count(".") >= 2 else ""
+        return {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(kind)
+
+    def rows_to_gguf(self, gguf_name: str, rows: Any) -> Any:
+        """Reorder the output rows of a (out, …) array into the GGUF file's order."""
+        heads = self.heads_of(gguf_name)
+        return rows if heads is None else permute_rows(rows, heads)
+
+
+def permute_rows(w: Any, n_head: int) -> Any:
+    """llama.cpp's Llama q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_config(base: Any) -> dict[str, Any]:
+    """The base's config as a plain dict: config.json read directly (so an unknown model_type is
+    reported as such, not as a load failure), or transformers' reading of a .gguf base."""
+    config_file = Path(base.hf_path) / "config.json"
+    if base.hf_gguf_file is None and config_file.is_file():
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    else:
+        from .source import base_config
+
+        config = base_config(base).to_dict()
+    if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
+        return {"tie_word_embeddings": config.get("tie_word_embeddings"), **config["text_config"]}
+    return config
+
+
+def layout_for(config: dict[str, Any], base_gguf: Optional[Path], fmt: str) -> GgufLayout:
+    """The GGUF layout for a base with this config (and this base file, when it is one).
+
+    Raises ExportRefused for an architecture gguf has no tensor map for, or that this exporter
+    does not write.
+    """
+    import gguf
+
+    model_type = str(config.get("model_type") or "unknown")
+    by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+    if model_type not in ARCHITECTURES:
+        # transformers and gguf spell some names differently (gpt_neox / gptneox)
+        known = any(n in by_name for n in (model_type, model_type.replace("_", "-"), model_type.replace("_", "")))
+        why = ("gguf has a tensor map for it, but its GGUF layout (row order, fused tensors) is not one this "
+               "exporter writes" if known else "gguf has no tensor map for this architecture")
+        raise errors.ExportRefused(
+            f"Cannot export to {fmt}: the base model's architecture is {model_type!r}; {why} (supported: "
+            f"{SUPPORTED}). Export format 'merged' instead (a transformers checkpoint works for any "
+            "architecture) and convert it with llama.cpp's convert_hf_to_gguf.py if you need GGUF.",
+            format=fmt, reason="architecture", modelType=model_type)
+    arch, permute_qk = ARCHITECTURES[model_type]
+    if base_gguf is not None:
+        arch = gguf_architecture(base_gguf)
+    if arch not in by_name:
+        raise errors.ExportRefused(f"Cannot export to {fmt}: gguf has no tensor map for architecture {arch!r}",
+                                   format=fmt, reason="architecture", modelType=model_type)
+    n_blocks = int(config["num_hidden_layers"])
+    n_head = int(config["num_attention_heads"])
+    n_head_kv = int(config.get("num_key_value_heads") or n_head)
+    return GgufLayout(arch=arch, n_blocks=n_blocks, n_head=n_head, n_head_kv=n_head_kv, permute_qk=permute_qk,
+                      name_map=gguf.get_tensor_name_map(by_name[arch], n_blocks))
+
+
+def gguf_architecture(path: Path) -> str:
+    from .gguf_header import read_header
+
+    try:
+        arch = read_header(path).architecture
+    except (OSError, ValueError) as exc:
+        raise errors.ModelLoadFailed(f"Cannot read the base model file {path}: {exc}", path=str(path)) from None
+    if not arch:
+        raise errors.ModelLoadFailed(f"{path} has no general.architecture; is it a GGUF model?", path=str(path))
+    return arch
+
+
+def check_against_base(layout: GgufLayout, targets: dict[str, tuple[str, int, int]], base_gguf: Path,
+                       hf_dir: Optional[str], fmt: str) -> None:
+    """Check the mapped tensors against the base file: each exists with shape (out, in), and the
+    q/k row order assumed here reproduces the file's tensors from the checkpoint's weights.
+
+    ``targets``: GGUF tensor name → (module, out_features, in_features) of the module adapted there.
+    """
+    from .gguf_header import read_header
+
+    header = read_header(base_gguf)
+    tensors = header.tensors
+    for name, (module, out_f, in_f) in targets.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise errors.ExportRefused(
+                f"Cannot export to {fmt}: the base file {base_gguf.name} has no tensor {name} (the adapter "
+                f"adapts {module} there); is this the adapter's base model?", format=fmt,
+                reason="base-mismatch", tensor=name)
+        if [int(x) for x in tensor.shape] != [in_f, out_f]:
+            raise errors.ExportRefused(
+                f"Cannot export to {fmt}: {name} is {[int(x) for x in tensor.shape]} (ne) in {base_gguf.name} but "
+                f"the adapter's {module} needs [{in_f}, {out_f}]; is this the adapter's base model?", format=fmt,
+                reason="base-mismatch", tensor=name)
+    if hf_dir is None:
+        return
+    for kind in ("attn_q", "attn_k"):
+        name = next((n for n in targets if f".{kind}." in n), None)
+        if name is not None:
+            reference = _read_checkpoint_tensor(Path(hf_dir), targets[name][0] + ".weight")
+            if reference is not None:  # without a safetensors checkpoint the table's rule stands
+                _check_row_order(layout, name, header.tensor_data(name), reference, fmt)
+
+
+def _check_row_order(layout: GgufLayout, gguf_name: str, stored: Any, reference: Any, fmt: str) -> None:
+    import numpy as np
+
+    heads = layout.n_head if ".attn_q." in gguf_name else layout.n_head_kv
+    assumed = layout.rows_to_gguf(gguf_name, reference)
+    other = permute_rows(reference, heads) if layout.heads_of(gguf_name) is None else reference
+    err_assumed = float(np.abs(stored - assumed).mean())
+    err_other = float(np.abs(stored - other).mean())
+    # The file holds a quantization of the same weights: in the right order they differ by
+    # rounding only, in the wrong one by about the weights' own size.
+    if err_assumed > 0.25 * err_other:
+        raise errors.ExportRefused(
+            f"Cannot export to {fmt}: the rows of {gguf_name} in the base file are not in the order this exporter "
+            f"assumes for architecture {layout.arch!r} (mean error {err_assumed:.3g}, against {err_other:.3g} in "
+            "the other order): the GGUF file and the checkpoint disagree. Export 'merged' instead.",
+            format=fmt, reason="layout", tensor=gguf_name)
+
+
+def _read_checkpoint_tensor(hf_dir: Path, key: str) -> Any:
+    from safetensors import safe_open
+
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key).float().numpy()
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor encodings (gguf's own quantizers)
+# ---------------------------------------------------------------------------------------------
+
+def qtype(out_type: str) -> Any:
+    from gguf import GGMLQuantizationType as Q
+
+    return {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}[out_type]
+
+
+def file_type(out_type: str) -> Any:
+    from gguf import LlamaFileType as F
+
+    return {"f32": F.ALL_F32, "f16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0}[out_type]
+
+
+def choose_qtype(shape: tuple[int, ...], out_type: str) -> Any:
+    """The ggml type a tensor of ``shape`` (numpy order, rows last) gets for ``out_type``: rows that
+    Q8_0's 32-wide blocks do not divide (a LoRA B of rank 8 or 16) become F16, as in llama.cpp's
+    own converter."""
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
+
+    kind = qtype(out_type)
+    if kind == Q.Q8_0 and shape[-1] % GGML_QUANT_SIZES[Q.Q8_0][0] != 0:
+        return Q.F16
+    return kind
+
+
+def encode(array: Any, out_type: str) -> tuple[Any, Any]:
+    """(data, ggml type) of ``array`` encoded for ``out_type`` with gguf's quantizers."""
+    import numpy as np
+    from gguf import quants
+
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    kind = choose_qtype(array.shape, out_type)
+    return quants.quantize(array, kind), kind
+
+
+def encoded_nbytes(shape: tuple[int, ...], kind: Any) -> int:
+    from gguf import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[kind]
+    rows = 1
+    for dim in shape[:-1]:
+        rows *= dim
+    return rows * shape[-1] // block * size
