@@ -23,6 +23,8 @@ from jsonrpcserver import Error, Success
 from jsonrpcserver.main import dispatch_to_serializable
 
 from . import PROTOCOL_VERSION, __version__, errors, library_versions, wire
+from .adapters.resident import AdapterRegistry
+from .adapters.stack import Stack
 from .jobs import Job, JobQueue
 from .stdio import Framing, FrameReader, MessageWriter
 
@@ -68,7 +70,13 @@ class Server:
         self.shutdown_requested = False
         self.exit_requested = False
         self._stopping = threading.Lock()
-        self.jobs = JobQueue({"train": self._run_train, "generate": self._run_generate},
+        # Resident adapters (the genome): the registry answers adapters/list at once; everything that
+        # touches a model (load, unload, compose, generate) runs on the job worker, in request order.
+        self.adapters = AdapterRegistry()
+        self.stack = Stack(self.adapters)
+        self.jobs = JobQueue({"train": self._run_train, "generate": self._run_generate,
+                              "adapters/load": self._run_adapters_load, "adapters/unload": self._run_adapters_unload,
+                              "adapters/compose": self._run_adapters_compose},
                              notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
         self.methods = {
             "supports": _handler(self.supports),
@@ -77,6 +85,10 @@ class Server:
             "status": _handler(self.status),
             "generate": _handler(self.generate),
             "shutdown": _handler(self.shutdown),
+            "adapters/load": _handler(self.adapters_load),
+            "adapters/unload": _handler(self.adapters_unload),
+            "adapters/list": _handler(self.adapters_list),
+            "adapters/compose": _handler(self.adapters_compose),
             "exit": _handler(self.exit),
             "$/cancelRequest": _handler(self.cancel_request),
         }
@@ -89,18 +101,47 @@ class Server:
             from .models import ModelCache
 
             self._models = ModelCache()
+            self._models.on_evict.append(self.stack.forget)
         return self._models
 
     def _run_train(self, job: Job, report, should_stop) -> wire.TrainResult:
         from .training import train
 
-        return train(job.params, job_id=job.job_id, models=self.models, report=report,
-                            should_stop=should_stop, received_at=job.received_at)
+        # Training never sees a resident adapter: their layers come off every base (they go back on
+        # at their next use), so the job trains on the bare base exactly as on a fresh sidecar.
+        self.stack.strip()
+        result = train(job.params, job_id=job.job_id, models=self.models, report=report,
+                       should_stop=should_stop, received_at=job.received_at)
+        if job.params.load:
+            p = job.params
+            try:
+                outcome = self.adapters.load(result.adapter_path, models=self.models, base_model=p.base_model,
+                                             device=p.device, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
+            except errors.SidecarError as exc:  # the adapter is written; say why it is not resident
+                return msgspec.structs.replace(result, warnings=result.warnings + [
+                    f"The adapter was written but not made resident: {exc.message}"])
+            return msgspec.structs.replace(result, adapter_id=outcome.resident.id)
+        return result
 
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
         from .generate import generate
 
-        return generate(job.params, models=self.models)
+        return generate(job.params, models=self.models, registry=self.adapters, stack=self.stack)
+
+    def _run_adapters_load(self, job: Job, report, should_stop) -> wire.AdaptersLoadResult:
+        p = job.params
+        return self.adapters.load(p.path, models=self.models, adapter_id=p.id, pin=p.pin, base_model=p.base_model,
+                                  device=p.device, dtype=p.dtype, trust_remote_code=p.trust_remote_code).result()
+
+    def _run_adapters_unload(self, job: Job, report, should_stop) -> wire.AdaptersUnloadResult:
+        resident = self.adapters.unload(job.params.id)
+        return wire.AdaptersUnloadResult(id=resident.id, bytes_freed=resident.bytes,
+                                         used_bytes=self.adapters.used_bytes())
+
+    def _run_adapters_compose(self, job: Job, report, should_stop) -> wire.AdaptersComposeResult:
+        from .adapters.compose import compose
+
+        return compose(job.params, models=self.models, registry=self.adapters, stack=self.stack)
 
     def _notify(self, job: Job, progress: wire.Progress) -> None:
         self.writer.write({"jsonrpc": "2.0", "method": "progress", "params": wire.to_builtins(progress)},
@@ -135,7 +176,8 @@ class Server:
             quantization=models.quantization_support(),
             methods=sorted(wire.METHODS) + list(wire.NOTIFICATIONS_IN),
             limits=wire.Limits(max_rank=1024, max_queue=self.jobs.max_queue,
-                               max_message_bytes=self.reader.max_bytes, max_seq_length=131072),
+                               max_message_bytes=self.reader.max_bytes, max_seq_length=131072,
+                               adapter_budget_bytes=self.adapters.budget_bytes),
             defaults=wire.Defaults(base_model=defaults.base_model, rank=defaults.rank, alpha=defaults.alpha,
                                    dropout=defaults.dropout, epochs=defaults.epochs,
                                    learning_rate=defaults.learning_rate, batch_size=defaults.batch_size,
@@ -174,10 +216,36 @@ class Server:
 
     def generate(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.GenerateParams)
-        job = self.jobs.submit("generate", p, job_id=None, base_model=p.base_model, received_at=ctx.received_at,
+        from .generate import check_params
+
+        check_params(p)
+        return self._queued(ctx, "generate", p, p.base_model)
+
+    def _queued(self, ctx: RequestContext, kind: str, p: Any, base_model: str) -> Any:
+        """Run ``p`` on the job worker (after the jobs ahead of it) and answer its result."""
+        job = self.jobs.submit(kind, p, job_id=None, base_model=base_model, received_at=ctx.received_at,
                                request_id=ctx.request_id, framing=ctx.framing)
         ctx.accepted.set()
         return wire.to_builtins(job.future.result())
+
+    def adapters_load(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersLoadParams)
+        return self._queued(ctx, "adapters/load", p, p.base_model or "")
+
+    def adapters_unload(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersUnloadParams)
+        return self._queued(ctx, "adapters/unload", p, "")
+
+    def adapters_compose(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersComposeParams)
+        from .adapters.compose import check_params
+
+        check_params(p)
+        return self._queued(ctx, "adapters/compose", p, p.base_model or "")
+
+    def adapters_list(self, ctx: RequestContext, params: Any) -> Any:
+        wire.decode_params(params, wire.AdaptersListParams)
+        return wire.to_builtins(self.adapters.summary())
 
     def cancel(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelParams)
@@ -193,7 +261,7 @@ class Server:
         running, queued, recent = self.jobs.status()
         return wire.to_builtins(wire.StatusResult(
             running=running.info() if running else None, queued=[j.info() for j in queued],
-            recent=[j.info() for j in recent], loaded_models=self._loaded()))
+            recent=[j.info() for j in recent], loaded_models=self._loaded(), adapters=self.adapters.summary()))
 
     def shutdown(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.ShutdownParams)
