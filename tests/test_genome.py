@@ -450,3 +450,29 @@ def test_training_with_five_residents_matches_a_fresh_sidecar(adapters, tiny_mod
     b = load_file(str(tmp_path / "fresh" / "adapter_model.safetensors"))
     assert sorted(a) == sorted(b)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedded SmolLM2: exam batches agree with single calls on a real model
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.smollm2
+def test_smollm2_exam_matches_single_calls(tmp_path):
+    from sidecar.models import resolve_model
+
+    base = Path(resolve_model("default").path)
+    adapter = make_adapter(base, tmp_path / "smol", rank=8, alpha=16, seed=7, std=0.02)
+    with Sidecar() as proc:
+        rid = call(proc, "adapters/load", {"path": str(adapter), "baseModel": "default"}, timeout=600)["id"]
+        prompts = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+        variants = [{"adapters": []}, {"adapters": [{"id": rid}]}]
+        exam = call(proc, "generate", {"prompts": prompts, "variants": variants, "maxNewTokens": 24, "logprobs": True},
+                    timeout=600)
+        assert len(exam["answers"]) == 20
+        for answer in exam["answers"]:
+            single = ask(proc, "default", question=QUESTIONS[answer["prompt"]], tokens=24,
+                         adapters=variants[answer["variant"]]["adapters"])
+            assert_same_answer(answer, single)
+        by_variant = [[tuple(a["tokenIds"]) for a in exam["answers"] if a["variant"] == v] for v in (0, 1)]
+        assert by_variant[0] != by_variant[1]  # the adapter changes some answers
+        assert proc.close(timeout=120) == 0

@@ -28,6 +28,12 @@ export const ErrorCodes = {
   AdapterNotFound: -32018,
   OutputExists: -32019,
   DuplicateJob: -32020,
+  AdapterBaseMismatch: -32021,
+  AdapterIdInUse: -32022,
+  AdapterBudgetFull: -32023,
+  AdapterUnsupported: -32024,
+  AdapterInvalid: -32025,
+  ComposeInvalid: -32026,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
