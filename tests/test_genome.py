@@ -420,6 +420,29 @@ class TestStackExamCompose:
         assert max_diff(resident["logprobs"], from_disk["logprobs"]) < 1e-5
 
 
+def test_protocol_transcript_pastes_as_documented(tiny_model_dir, tmp_path):
+    """The genome transcript of docs/PROTOCOL.md, sent line by line as written (paths moved to tmp)."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
+    block = doc.split("### The adapter genome by hand", 1)[1].split("```json", 1)[1].split("```", 1)[0]
+    lines = [line.replace("/tmp/tiny-", f"{tmp_path}/tiny-").replace('"/tmp/tiny"', json.dumps(str(tiny_model_dir)))
+             for line in block.strip().splitlines()]
+    with Sidecar() as proc:
+        for line in lines:
+            proc.send(json.loads(line))
+        assert proc.proc.wait(300) == 0
+        responses = {m["id"]: m for m in proc.all if isinstance(m, dict) and "id" in m and "method" not in m}
+        assert sorted(responses) == list(range(11, 22)) and all("result" in r for r in responses.values()), responses
+        exam = responses[15]["result"]["answers"]
+        assert [(a["promptId"], a["variantId"]) for a in exam] == [("hi", "base"), ("hi", "hello"), ("bye", "base"),
+                                                                    ("bye", "hello")]
+        stacked, composed = responses[16]["result"], responses[18]["result"]
+        assert composed["tokenIds"] == stacked["tokenIds"]
+        assert max_diff(composed["logprobs"], stacked["logprobs"]) < 1e-4
+        assert sorted(a["id"] for a in responses[19]["result"]["adapters"]) == ["bye", "hello", "hello-bye"]
+        assert responses[20]["result"]["id"] == "bye"
+        assert proc.bad_output == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Training is untouched by residents
 # ---------------------------------------------------------------------------------------------
