@@ -421,16 +421,19 @@ class TestStackExamCompose:
 
 
 def test_protocol_transcript_pastes_as_documented(tiny_model_dir, tmp_path):
-    """The genome transcript of docs/PROTOCOL.md, sent line by line as written (paths moved to tmp)."""
+    """The genome transcript of docs/PROTOCOL.md, pasted line by line as written (paths moved to tmp)."""
     doc = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text()
     block = doc.split("### The adapter genome by hand", 1)[1].split("```json", 1)[1].split("```", 1)[0]
     lines = [line.replace("/tmp/tiny-", f"{tmp_path}/tiny-").replace('"/tmp/tiny"', json.dumps(str(tiny_model_dir)))
              for line in block.strip().splitlines()]
     with Sidecar() as proc:
-        for line in lines:
-            proc.send(json.loads(line))
-        assert proc.proc.wait(300) == 0
-        responses = {m["id"]: m for m in proc.all if isinstance(m, dict) and "id" in m and "method" not in m}
+        responses = {}
+        for line in lines:  # one by one, each answered before the next, as a person pastes them
+            message = json.loads(line)
+            proc.send(message)
+            if "id" in message:
+                responses[message["id"]] = proc.response(message["id"], timeout=300)
+        assert proc.proc.wait(60) == 0
         assert sorted(responses) == list(range(11, 22)) and all("result" in r for r in responses.values()), responses
         exam = responses[15]["result"]["answers"]
         assert [(a["promptId"], a["variantId"]) for a in exam] == [("hi", "base"), ("hi", "hello"), ("bye", "base"),
