@@ -9,9 +9,10 @@ adapter learned) made resident with ``adapters/load``:
 1. **Exam vs single calls**: 10 questions × 2 variants (bare base, base + adapter 1) as one
    ``generate`` request, against the same 20 answers asked one request at a time (resident adapter by
    id, so no disk). Both greedy, same ``maxNewTokens``; the answers are compared token for token.
-2. **Stacked adapters**: one question answered by the bare base and with 1, 2 and 4 adapters stacked
-   (each at scale 1/k), rounds interleaved so that machine noise hits every row alike; the median
-   milliseconds per generated token of each, and its ratio to the bare base.
+2. **Stacked adapters**: one request (a story, so every row generates ``maxNewTokens``) answered by the
+   bare base and with 1, 2 and 4 adapters stacked (each at scale 1/k), rounds interleaved so that
+   machine noise hits every row alike; the median milliseconds per generated token (prompt included in
+   the time) of each, and its ratio to the bare base.
 3. **Where a single adapter's cost goes**: the first use of a resident on the base (PEFT injects it),
    later uses (already on the base), and the legacy ``adapterPath`` (read from disk per call).
 
@@ -36,6 +37,8 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colours.", "W
              "How many legs does a spider have?", "What language is spoken in Brazil?",
              "Name a planet in our solar system.", "What do bees make?"]
 TARGET = "exam of 10 prompts × 2 variants ≥ 3 × faster than the 20 single calls"
+STORY = "Write a short story about a dragon who learns to fly."
+"""The stacked-adapter rows' question: its answers run to maxNewTokens, so rows generate alike."""
 
 
 def make_adapters(base_path: str, out: Path, n: int = 4, rank: int = 16) -> list[Path]:
@@ -131,19 +134,23 @@ def run(*, threads: int, quick: bool = False, out: Path | None = None, workdir: 
                 f"{same}/20 answers identical")
 
             say("stacked adapters: bare, 1, 2, 4 (interleaved rounds)")
+            story = [{"role": "user", "content": STORY}]
             stacks = {k: [{"id": rid, "scale": 1 / k} for rid in ids[:k]] for k in (1, 2, 4)}
             stacks[0] = []
             per_token: dict[int, list[float]] = {k: [] for k in stacks}
             per_call: dict[int, list[float]] = {k: [] for k in stacks}
+            tokens_of: dict[int, int] = {}
             for _ in range(rounds):
                 for k in (0, 1, 2, 4):
-                    t, r = _timed(client, {**ask, "messages": one, "adapters": stacks[k]})
+                    t, r = _timed(client, {**ask, "messages": story, "adapters": stacks[k]})
                     per_call[k].append(t)
+                    tokens_of[k] = r["tokens"]
                     per_token[k].append(t / max(r["tokens"], 1))
             rows = []
             for k in (0, 1, 2, 4):
                 ms = statistics.median(per_token[k]) * 1000
                 rows.append({"adapters": k, "ms_per_token": ms, "call_s": statistics.median(per_call[k]),
+                             "tokens": tokens_of[k],
                              "vs_bare": ms / (statistics.median(per_token[0]) * 1000)})
             res["stacks"] = rows
         finally:
@@ -168,9 +175,10 @@ def print_report(res: dict[str, Any], out=sys.stdout) -> None:
     s = res["single_adapter"]
     w(f"one question, one adapter: bare {s['bare_s']:.3f} s, resident {s['resident_s']:.3f} s "
       f"(first use, injecting it: {s['resident_first_use_s']:.3f} s), adapterPath from disk {s['adapter_path_s']:.3f} s\n\n")
-    w(f"{'stacked adapters':>18}{'ms / token':>12}{'per call (s)':>14}{'vs bare':>10}\n")
+    w(f"{'stacked adapters':>18}{'tokens':>8}{'ms / token':>12}{'per call (s)':>14}{'vs bare':>10}\n")
     for row in res["stacks"]:
-        w(f"{row['adapters']:>18}{row['ms_per_token']:>12.1f}{row['call_s']:>14.3f}{row['vs_bare']:>10.2f}\n")
+        w(f"{row['adapters']:>18}{row['tokens']:>8}{row['ms_per_token']:>12.1f}{row['call_s']:>14.3f}"
+          f"{row['vs_bare']:>10.2f}\n")
     t = res["target"]
     w(f"\n[{'PASS' if t['pass'] else 'FAIL'}] {t['target']}: ×{t['value']:.2f}\n")
     w(f"JSON: {res['out']}\n")

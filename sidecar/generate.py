@@ -13,7 +13,7 @@ row depend on the batch it is in.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import data, errors, wire
 from .adapters.surgery import attached_adapter
@@ -51,9 +51,12 @@ def _adapter_sets(params: wire.GenerateParams) -> list[tuple[str, list[wire.Adap
     return [("$.adapters", params.adapters or [])]
 
 
-def generate(params: wire.GenerateParams, *, models: Any, registry: Any = None, stack: Any = None) -> wire.GenerateResult:
+def generate(params: wire.GenerateParams, *, models: Any, registry: Any = None, stack: Any = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> wire.GenerateResult:
     """Answer every prompt × variant of ``params`` (see the module doc). ``registry`` / ``stack`` are the
-    server's resident adapters; without them only the bare base and ``adapterPath`` are available."""
+    server's resident adapters; without them only the bare base and ``adapterPath`` are available.
+    ``should_stop`` is polled at every generated token; when it turns True the request ends with
+    RequestCancelled (a long exam can be cancelled like a training job)."""
     import torch
     from transformers import GenerationConfig
 
@@ -78,7 +81,8 @@ def generate(params: wire.GenerateParams, *, models: Any, registry: Any = None, 
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else _first(eos), eos_token_id=eos,
         output_scores=params.logprobs, return_dict_in_generate=True,
     )
-    batch = _Batch(prompt_ids, config, set(eos) if isinstance(eos, (list, tuple)) else {eos}, params, loaded.device)
+    batch = _Batch(prompt_ids, config, set(eos) if isinstance(eos, (list, tuple)) else {eos}, params, loaded.device,
+                   should_stop or (lambda: False))
     variant_ids: list[Optional[str]] = [v.id for v in params.variants] if params.variants is not None else [None]
     outputs: dict[tuple[int, int], tuple[list[int], Optional[list[float]]]] = {}
     used: list[Any] = []
@@ -164,9 +168,27 @@ class _Batch:
     """Runs rows (prompt index, variant index) in left-padded batches of ``batchSize``."""
 
     def __init__(self, prompt_ids: list[list[int]], config: Any, eos: set[int], params: wire.GenerateParams,
-                 device: str) -> None:
+                 device: str, should_stop: Callable[[], bool]) -> None:
         self.prompt_ids, self.config, self.eos = prompt_ids, config, eos
-        self.params, self.device = params, device
+        self.params, self.device, self.should_stop = params, device, should_stop
+        self.rows_done = 0
+
+    def _stop_criteria(self) -> Any:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        should_stop = self.should_stop
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+        return StoppingCriteriaList([Cancelled()])
+
+    def _check_cancelled(self) -> None:
+        if self.should_stop():
+            raise errors.RequestCancelled("Generate request cancelled", stepsCompleted=self.rows_done)
 
     def run(self, model: Any, rows: list[tuple[int, int]],
             names: Optional[dict[int, str]]) -> dict[tuple[int, int], tuple[list[int], Optional[list[float]]]]:
@@ -177,6 +199,7 @@ class _Batch:
         rows = sorted(rows, key=lambda row: len(self.prompt_ids[row[0]]))
         out: dict[tuple[int, int], tuple[list[int], Optional[list[float]]]] = {}
         for start in range(0, len(rows), self.params.batch_size):
+            self._check_cancelled()
             chunk = rows[start:start + self.params.batch_size]
             width = max(len(self.prompt_ids[i]) for i, _ in chunk)
             input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
@@ -187,7 +210,9 @@ class _Batch:
                 mask[b, width - len(ids):] = 1
             extra = {} if names is None else {"adapter_names": [names[j] for _, j in chunk]}
             result = model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                    generation_config=self.config, **extra)
+                                    generation_config=self.config, stopping_criteria=self._stop_criteria(), **extra)
+            self._check_cancelled()
+            self.rows_done += len(chunk)
             new = result.sequences[:, width:].tolist()
             logprobs = None
             if self.params.logprobs:

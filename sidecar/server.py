@@ -126,7 +126,8 @@ class Server:
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
         from .generate import generate
 
-        return generate(job.params, models=self.models, registry=self.adapters, stack=self.stack)
+        return generate(job.params, models=self.models, registry=self.adapters, stack=self.stack,
+                        should_stop=should_stop)
 
     def _run_adapters_load(self, job: Job, report, should_stop) -> wire.AdaptersLoadResult:
         p = job.params

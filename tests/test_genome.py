@@ -407,6 +407,22 @@ class TestStackExamCompose:
             assert made["rank"] == 8 and made["adapterId"]
             assert ask(proc, tiny_model_dir, adapters=[{"id": made["adapterId"]}])["tokens"] > 0
 
+    def test_a_long_exam_can_be_cancelled(self, proc, ids, tiny_model_dir):
+        import time
+
+        prompts = [{"messages": [{"role": "user", "content": q}]} for q in QUESTIONS]
+        request = proc.request("generate", {"baseModel": str(tiny_model_dir), "prompts": prompts, "batchSize": 1,
+                                            "variants": [{"adapters": []}, {"adapters": [{"id": "A"}]}],
+                                            "maxNewTokens": 4096})
+        deadline = time.monotonic() + 60
+        while (call(proc, "status", {}).get("running") or {}).get("kind") != "generate":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.notify("$/cancelRequest", {"id": request})
+        error = proc.response(request, timeout=60)["error"]
+        assert error["code"] == -32800 and error["data"]["stepsCompleted"] < 20
+        assert ask(proc, tiny_model_dir, adapters=[{"id": "A"}])["tokens"] > 0
+
     def test_train_with_load_is_usable_at_once(self, proc, tiny_model_dir, tmp_path):
         out = tmp_path / "trained"
         result = call(proc, "train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
