@@ -423,6 +423,18 @@ class TestStackExamCompose:
         assert error["code"] == -32800 and error["data"]["stepsCompleted"] < 20
         assert ask(proc, tiny_model_dir, adapters=[{"id": "A"}])["tokens"] > 0
 
+    def test_unloading_an_adapter_on_the_base_keeps_the_others_exact(self, proc, ids, adapters, tiny_model_dir):
+        for name in ("r6", "r7"):
+            call(proc, "adapters/load", {"path": str(adapters[name]), "id": name})
+        six, seven = (ask(proc, tiny_model_dir, adapters=[{"id": n}]) for n in ("r6", "r7"))
+        bare = ask(proc, tiny_model_dir)
+        assert call(proc, "adapters/unload", {"id": "r7"})["id"] == "r7"
+        assert ask(proc, tiny_model_dir, adapters=[{"id": "r6"}])["logprobs"] == six["logprobs"]
+        assert ask(proc, tiny_model_dir)["logprobs"] == bare["logprobs"]
+        assert proc.call("generate", {"baseModel": str(tiny_model_dir), "messages": [{"role": "user", "content": "x"}],
+                                      "adapters": [{"id": "r7"}]})["error"]["code"] == -32018
+        assert seven["logprobs"] != six["logprobs"]
+
     def test_train_with_load_is_usable_at_once(self, proc, tiny_model_dir, tmp_path):
         out = tmp_path / "trained"
         result = call(proc, "train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
@@ -434,6 +446,25 @@ class TestStackExamCompose:
         resident = ask(proc, tiny_model_dir, adapters=[{"id": result["adapterId"]}])
         from_disk = ask(proc, tiny_model_dir, adapterPath=str(out))
         assert max_diff(resident["logprobs"], from_disk["logprobs"]) < 1e-5
+
+
+def test_residents_survive_their_base_leaving_the_model_cache(adapters, tiny_model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "other-base"
+    shutil.copytree(tiny_model_dir, other)
+    with Sidecar(env={"LORA_SIDECAR_MAX_MODELS": "1"}) as proc:
+        call(proc, "adapters/load", {"path": str(adapters["A"]), "id": "A"})
+        before = ask(proc, tiny_model_dir, adapters=[{"id": "A"}])
+        ask(proc, other)  # loads the other base: the first one is evicted, with A on it
+        assert call(proc, "status", {})["loadedModels"] == [str(other)]
+        err = proc.call("generate", {"baseModel": str(other), "messages": [{"role": "user", "content": "x"}],
+                                     "adapters": [{"id": "A"}]})["error"]
+        assert err["code"] == -32021 and err["data"]["field"] == "$.baseModel"
+        after = ask(proc, tiny_model_dir, adapters=[{"id": "A"}])  # reloaded, A goes back on
+        assert after["logprobs"] == before["logprobs"]
+        assert [a["id"] for a in call(proc, "adapters/list", {})["adapters"]] == ["A"]
+        assert proc.close() == 0
 
 
 def test_protocol_transcript_pastes_as_documented(tiny_model_dir, tmp_path):
