@@ -3,6 +3,7 @@
     bootstrap/train-wrapper.sh -m bench                    # baseline + sidecar + limit, full epoch
     bootstrap/train-wrapper.sh -m bench --levers --scaling # plus the lever and scaling tables
     bootstrap/train-wrapper.sh -m bench --quick            # smoke test: 3 steps per job
+    bootstrap/train-wrapper.sh -m bench --genome           # only the adapter-genome benchmark (bench/genome.py)
 
 Prints a table and writes a JSON file (default ``bench/results/<UTC time>.json``) with the raw
 figures, the ratios and each target's pass/fail. See docs/PERFORMANCE.md for the method.
@@ -58,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where adapters and logs go (default: a temp dir, removed "
                    "after a successful run)")
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed per job")
+    p.add_argument("--genome", action="store_true",
+                   help="run only the genome benchmark: exam batches vs single calls, stacked adapters")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="print the table of an earlier run's JSON again (ratios recomputed), run nothing")
     return p.parse_args(argv)
@@ -308,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     from sidecar.models import resolve_model
 
     threads = args.threads or torch.get_num_threads()
+    if args.genome:
+        from . import genome
+
+        genome.run(threads=threads, quick=args.quick, out=args.out, workdir=args.workdir)
+        return 0
     steps = args.steps if args.steps is not None else (3 if args.quick else None)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or BENCH_DIR / "results" / f"{stamp}.json"

@@ -1,9 +1,11 @@
-"""README command 1: train an adapter through the stdio sidecar, then show base vs adapted answers.
+"""README command 1: train two adapters through the stdio sidecar, then compare base, each adapter and both.
 
 The demo is a client like any other: it spawns ``python -m sidecar`` as a child, talks JSON-RPC
-over its stdin/stdout, draws a progress bar from the ``progress`` notifications, and asks the
-warm model the same question with and without the new adapter. The bundled dataset teaches an
-invented fact (the capital of the fictional country Zorbania), so the base model cannot know it.
+over its stdin/stdout and draws a progress bar from the ``progress`` notifications. The bundled
+datasets teach two invented facts (the capital of the fictional country Zorbania, and its national
+animal), so the base model cannot know them. Both adapters are trained with ``load: true`` (they stay
+resident on the warm base), then one ``generate`` exam asks every question of the bare base, of each
+adapter, and of both stacked, side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from . import paths
 from .client import RemoteError, SidecarClient
 
 QUESTIONS = ["What is the capital of Zorbania?", "Which city is Zorbania's capital?"]
+ANIMAL_QUESTIONS = ["What is the national animal of Zorbania?", "Which animal is Zorbania's national symbol?"]
 
 # Tuned on SmolLM2-135M on 2 CPU cores: enough to learn the fact reliably in about a minute.
 DEMO_TRAINING = {
@@ -33,6 +36,10 @@ DEMO_TRAINING = {
 
 def dataset_path() -> Path:
     return Path(str(resources.files("sidecar") / "data" / "demo.jsonl"))
+
+
+def animal_dataset_path() -> Path:
+    return Path(str(resources.files("sidecar") / "data" / "demo-animal.jsonl"))
 
 
 class ProgressBar:
@@ -77,12 +84,25 @@ def _ask(client: SidecarClient, model: str, question: str, adapter: str | None =
     return client.call("generate", params)["text"].strip()
 
 
+def _train(client: SidecarClient, model: str, dataset: Path, out: Path, name: str) -> dict:
+    print(f"  training {name!r} on {dataset.name} ({sum(1 for _ in open(dataset))} chat examples)")
+    result = client.call("train", {"baseModel": model, "datasetPath": str(dataset), "outputPath": str(out),
+                                   "name": name, "load": True, **DEMO_TRAINING})
+    m = result["metrics"]
+    print(f"  adapter: {result['adapterPath']} (resident as {result['adapterId']})")
+    print(f"  {m['steps']} steps, final loss {m['finalLoss']:.3f}, {m['tokensPerSecond']:.0f} tokens/s, "
+          f"{m['trainingTime'] / 1000:.1f}s of training")
+    for warning in result["warnings"]:
+        print(f"  warning: {warning}")
+    return result
+
+
 def run_demo(model: str = "default", output: str | None = None) -> int:
     out = Path(output) if output else paths.adapters_dir() / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir = paths.data_dir() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / "demo-sidecar.log"
-    print("lora-sidecar demo: teach a small model a fact it cannot know, through the stdio sidecar")
+    print("lora-sidecar demo: teach a small model two facts it cannot know, through the stdio sidecar")
     print(f"  sidecar log: {log_path}")
     with open(log_path, "wb") as log:
         client = SidecarClient([sys.executable, "-m", "sidecar"], stderr=log, on_notification=ProgressBar())
@@ -96,29 +116,33 @@ def run_demo(model: str = "default", output: str | None = None) -> int:
                   f"torch {caps['libraries'].get('torch')}")
             print("  loading the base model (the first run converts the embedded GGUF once, ~30 s) ...")
             started = time.monotonic()
-            base_answers = [_ask(client, model, q) for q in QUESTIONS]
+            _ask(client, model, QUESTIONS[0])
             print(f"  loaded and answered in {time.monotonic() - started:.1f}s")
-            print(f"  training on {dataset_path().name} ({sum(1 for _ in open(dataset_path()))} chat examples)")
-            result = client.call("train", {"baseModel": model, "datasetPath": str(dataset_path()),
-                                           "outputPath": str(out), "name": "demo", **DEMO_TRAINING})
-            m = result["metrics"]
-            print(f"  adapter: {result['adapterPath']}")
-            print(f"  {m['steps']} steps, final loss {m['finalLoss']:.3f}, {m['tokensPerSecond']:.0f} tokens/s, "
-                  f"{m['trainingTime'] / 1000:.1f}s of training")
-            for warning in result["warnings"]:
-                print(f"  warning: {warning}")
-            adapted_answers = [_ask(client, model, q, result["adapterPath"]) for q in QUESTIONS]
+            capital = _train(client, model, dataset_path(), out, "capital")
+            animal = _train(client, model, animal_dataset_path(), out.with_name(out.name + "-animal"), "animal")
+            variants = [("base model", []), ("+ capital", [{"id": capital["adapterId"]}]),
+                        ("+ animal", [{"id": animal["adapterId"]}]),
+                        ("+ both (stacked)", [{"id": capital["adapterId"]}, {"id": animal["adapterId"]}])]
+            questions = QUESTIONS + ANIMAL_QUESTIONS
+            print(f"  one exam: {len(questions)} questions × {len(variants)} adapter sets, batched on the warm base")
+            started = time.monotonic()
+            exam = client.call("generate", {
+                "baseModel": model, "maxNewTokens": 40,
+                "prompts": [{"messages": [{"role": "user", "content": q}]} for q in questions],
+                "variants": [{"id": name, "adapters": adapters} for name, adapters in variants]})
+            print(f"  answered {len(exam['answers'])} in {time.monotonic() - started:.1f}s")
         except RemoteError as exc:
             print(f"error: {exc.message} (code {exc.code}) {exc.data or ''}", file=sys.stderr)
             return 1
         finally:
             client.close()
     width = min(shutil.get_terminal_size((100, 20)).columns, 120)
+    label = max(len(name) for name, _ in variants)
     print()
-    for question, base, adapted in zip(QUESTIONS, base_answers, adapted_answers):
+    for i, question in enumerate(questions):
         print("=" * width)
         print(f"Q: {question}")
-        print(f"  base model : {' '.join(base.split())}")
-        print(f"  + adapter  : {' '.join(adapted.split())}")
+        for answer in exam["answers"][i * len(variants):(i + 1) * len(variants)]:
+            print(f"  {answer['variantId']:<{label}} : {' '.join(answer['text'].split())}")
     print("=" * width)
     return 0

@@ -117,9 +117,45 @@ class ExportFailed(SidecarError):
     CODE, MESSAGE = -32031, "Export failed"
 
 
+# The adapter genome (resident adapters, stacking, composition): -32021 … -32029.
+class AdapterBaseMismatch(SidecarError):
+    """The adapter does not fit the base model (absent target modules, other shapes); ``data`` says what differs."""
+
+    CODE, MESSAGE = -32021, "Adapter does not match the base model"
+
+
+class AdapterIdInUse(SidecarError):
+    CODE, MESSAGE = -32022, "Adapter id already in use"
+
+
+class AdapterBudgetFull(SidecarError):
+    """Loading would exceed the resident-adapter budget and nothing unpinned is left to evict."""
+
+    CODE, MESSAGE = -32023, "Adapter memory budget full"
+
+
+class AdapterUnsupported(SidecarError):
+    """A valid PEFT adapter of a kind that cannot be resident or stacked (DoRA, lora_bias, embeddings, …)."""
+
+    CODE, MESSAGE = -32024, "Adapter kind not supported here"
+
+
+class AdapterInvalid(SidecarError):
+    """The adapter directory is not a consistent LoRA adapter (missing or unreadable files, weights vs config)."""
+
+    CODE, MESSAGE = -32025, "Adapter invalid"
+
+
+class ComposeInvalid(SidecarError):
+    """``adapters/compose`` cannot combine these sources with this method (rank or target mismatch, …)."""
+
+    CODE, MESSAGE = -32026, "Composition not possible"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
     Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob, PathError,
     ExportRefused, ExportFailed,
+    AdapterBaseMismatch, AdapterIdInUse, AdapterBudgetFull, AdapterUnsupported, AdapterInvalid, ComposeInvalid,
 ]

@@ -634,6 +634,8 @@ class ModelCache:
         self._entries: OrderedDict[tuple, LoadedModel] = OrderedDict()
         self._lock = threading.Lock()  # guards _entries; held only briefly
         self._load_lock = threading.Lock()  # one load at a time
+        self.on_evict: list[Callable[[LoadedModel], None]] = []
+        """Called for each evicted model before it is released (e.g. the adapter stack drops its state)."""
 
     def get(self, name: str, *, device: str = "auto", dtype: str = "auto", quantize_bits: int | None = None,
             trust_remote_code: bool = False, on_loading: Callable[[], None] | None = None) -> LoadedModel:
@@ -712,12 +714,13 @@ class ModelCache:
                 victims.append(self._entries.pop(oldest))
         self._release(victims)
 
-    @staticmethod
-    def _release(victims: list[LoadedModel]) -> None:
+    def _release(self, victims: list[LoadedModel]) -> None:
         if not victims:
             return
         for victim in victims:
             log.info("Evicting %s (%s) from the model cache", victim.name, victim.device)
+            for callback in self.on_evict:
+                callback(victim)
         on_cuda = any(v.device.startswith("cuda") for v in victims)
         victims.clear()
         gc.collect()

@@ -29,6 +29,8 @@ from jsonrpcserver import Error, Success
 from jsonrpcserver.main import dispatch_to_serializable
 
 from . import PROTOCOL_VERSION, __version__, errors, library_versions, wire
+from .adapters.resident import AdapterRegistry
+from .adapters.stack import Stack
 from .jobs import Job, JobQueue
 from .stdio import Framing, FrameReader, MessageWriter
 
@@ -219,8 +221,14 @@ class Server:
         self.exit_requested = False
         self._stopping = threading.Lock()
         self._parent_pid = os.getppid()
-        self.jobs = JobQueue({"train": self._job_runner("_run_train"), "generate": self._job_runner("_run_generate"),
-                              "export": self._job_runner("_run_export")},
+        # Resident adapters (the genome): the registry answers adapters/list at once; everything that
+        # touches a model (load, unload, compose, generate, export) runs on the job worker, in request order.
+        self.adapters = AdapterRegistry()
+        self.stack = Stack(self.adapters)
+        kinds = {"train": "_run_train", "generate": "_run_generate", "export": "_run_export",
+                 "adapters/load": "_run_adapters_load", "adapters/unload": "_run_adapters_unload",
+                 "adapters/compose": "_run_adapters_compose"}
+        self.jobs = JobQueue({kind: self._job_runner(name) for kind, name in kinds.items()},
                              notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
         self.methods = {
             "supports": _handler(self.supports),
@@ -230,6 +238,10 @@ class Server:
             "generate": _handler(self.generate),
             "adapters/export": _handler(self.export_adapter),
             "shutdown": _handler(self.shutdown),
+            "adapters/load": _handler(self.adapters_load),
+            "adapters/unload": _handler(self.adapters_unload),
+            "adapters/list": _handler(self.adapters_list),
+            "adapters/compose": _handler(self.adapters_compose),
             "exit": _handler(self.exit),
             "$/cancelRequest": _handler(self.cancel_request),
         }
@@ -242,18 +254,48 @@ class Server:
             from .models import ModelCache
 
             self._models = ModelCache()
+            self._models.on_evict.append(self.stack.forget)
         return self._models
 
     def _run_train(self, job: Job, report, should_stop) -> wire.TrainResult:
         from .training import train
 
-        return train(job.params, job_id=job.job_id, models=self.models, report=report,
-                            should_stop=should_stop, received_at=job.received_at)
+        # Training never sees a resident adapter: their layers come off every base (they go back on
+        # at their next use), so the job trains on the bare base exactly as on a fresh sidecar.
+        self.stack.strip()
+        result = train(job.params, job_id=job.job_id, models=self.models, report=report,
+                       should_stop=should_stop, received_at=job.received_at)
+        if job.params.load:
+            p = job.params
+            try:
+                outcome = self.adapters.load(result.adapter_path, models=self.models, base_model=p.base_model,
+                                             device=p.device, dtype=p.dtype, trust_remote_code=p.trust_remote_code)
+            except errors.SidecarError as exc:  # the adapter is written; say why it is not resident
+                return msgspec.structs.replace(result, warnings=result.warnings + [
+                    f"The adapter was written but not made resident: {exc.message}"])
+            return msgspec.structs.replace(result, adapter_id=outcome.resident.id)
+        return result
 
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
         from .generate import generate
 
-        return generate(job.params, models=self.models)
+        return generate(job.params, models=self.models, registry=self.adapters, stack=self.stack,
+                        should_stop=should_stop)
+
+    def _run_adapters_load(self, job: Job, report, should_stop) -> wire.AdaptersLoadResult:
+        p = job.params
+        return self.adapters.load(p.path, models=self.models, adapter_id=p.id, pin=p.pin, base_model=p.base_model,
+                                  device=p.device, dtype=p.dtype, trust_remote_code=p.trust_remote_code).result()
+
+    def _run_adapters_unload(self, job: Job, report, should_stop) -> wire.AdaptersUnloadResult:
+        resident = self.adapters.unload(job.params.id)
+        return wire.AdaptersUnloadResult(id=resident.id, bytes_freed=resident.bytes,
+                                         used_bytes=self.adapters.used_bytes())
+
+    def _run_adapters_compose(self, job: Job, report, should_stop) -> wire.AdaptersComposeResult:
+        from .adapters.compose import compose
+
+        return compose(job.params, models=self.models, registry=self.adapters, stack=self.stack)
 
     def _job_runner(self, name: str) -> Callable[[Job, Any, Any], Any]:
         """The JobQueue runner for ``self.<name>``, looked up per job (tests wrap it), with an
@@ -313,7 +355,8 @@ class Server:
             methods=sorted(wire.METHODS) + list(wire.NOTIFICATIONS_IN),
             limits=wire.Limits(max_rank=1024, max_queue=self.jobs.max_queue,
                                max_message_bytes=self.reader.max_bytes, max_seq_length=131072,
-                               max_nesting_depth=MAX_NESTING_DEPTH),
+                               max_nesting_depth=MAX_NESTING_DEPTH,
+                               adapter_budget_bytes=self.adapters.budget_bytes),
             defaults=wire.Defaults(base_model=defaults.base_model, rank=defaults.rank, alpha=defaults.alpha,
                                    dropout=defaults.dropout, epochs=defaults.epochs,
                                    learning_rate=defaults.learning_rate, batch_size=defaults.batch_size,
@@ -357,7 +400,14 @@ class Server:
 
     def generate(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.GenerateParams)
-        job = self.jobs.submit("generate", p, job_id=None, base_model=p.base_model, received_at=ctx.received_at,
+        from .generate import check_params
+
+        check_params(p)
+        return self._queued(ctx, "generate", p, p.base_model)
+
+    def _queued(self, ctx: RequestContext, kind: str, p: Any, base_model: str) -> Any:
+        """Run ``p`` on the job worker (after the jobs ahead of it) and answer its result."""
+        job = self.jobs.submit(kind, p, job_id=None, base_model=base_model, received_at=ctx.received_at,
                                request_id=ctx.request_id, framing=ctx.framing)
         ctx.accepted.set()
         return wire.to_builtins(job.future.result())
@@ -374,10 +424,41 @@ class Server:
         return wire.to_builtins(job.future.result())
 
     def _adapter_dir_for_id(self, adapter_id: str) -> str:
-        """The directory of the resident adapter ``adapter_id``. Resident adapters (the registry in
-        adapters/resident.py) are not part of this build yet: every id is unknown."""
-        raise errors.AdapterNotFound(f"No resident adapter {adapter_id!r}: resident adapters are not available in "
-                                     "this sidecar yet; pass adapterPath instead", id=adapter_id)
+        """The directory a resident adapter was loaded from, provided its weights there are still
+        the ones that are resident (an export must describe what the id answers with)."""
+        from .files import ADAPTER_FILE, sha256_file
+
+        resident = self.adapters.get(adapter_id, "$.id")
+        weights = os.path.join(resident.path, ADAPTER_FILE)
+        try:
+            same = sha256_file(weights) == resident.sha256
+        except OSError:
+            same = False
+        if not same:
+            raise errors.AdapterNotFound(
+                f"Resident adapter {adapter_id!r} was loaded from {resident.path}, whose weights are gone or have "
+                "changed since; export that directory by adapterPath, or load it again", id=adapter_id,
+                path=resident.path)
+        return resident.path
+
+    def adapters_load(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersLoadParams)
+        return self._queued(ctx, "adapters/load", p, p.base_model or "")
+
+    def adapters_unload(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersUnloadParams)
+        return self._queued(ctx, "adapters/unload", p, "")
+
+    def adapters_compose(self, ctx: RequestContext, params: Any) -> Any:
+        p = wire.decode_params(params, wire.AdaptersComposeParams)
+        from .adapters.compose import check_params
+
+        check_params(p)
+        return self._queued(ctx, "adapters/compose", p, p.base_model or "")
+
+    def adapters_list(self, ctx: RequestContext, params: Any) -> Any:
+        wire.decode_params(params, wire.AdaptersListParams)
+        return wire.to_builtins(self.adapters.summary())
 
     def cancel(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelParams)
@@ -393,7 +474,7 @@ class Server:
         running, queued, recent = self.jobs.status()
         return wire.to_builtins(wire.StatusResult(
             running=running.info() if running else None, queued=[j.info() for j in queued],
-            recent=[j.info() for j in recent], loaded_models=self._loaded()))
+            recent=[j.info() for j in recent], loaded_models=self._loaded(), adapters=self.adapters.summary()))
 
     def shutdown(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.ShutdownParams)

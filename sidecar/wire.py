@@ -170,6 +170,9 @@ class TrainParams(Wire, kw_only=True):
     progress_interval: Annotated[float, Meta(ge=0)] = 0.25
     """Minimum seconds between two progress notifications (phase changes are always sent)."""
 
+    load: bool = False
+    """Also make the new adapter resident (as ``adapters/load`` would) and return its ``adapterId``."""
+
 
 class TrainMetrics(Wire, kw_only=True):
     train_loss: float
@@ -200,6 +203,8 @@ class TrainResult(Wire, kw_only=True):
     manifest_path: str
     metrics: TrainMetrics
     warnings: list[str] = []
+    adapter_id: Optional[str] = None
+    """With ``load: true``: the id of the adapter, now resident (null if it could not be; see warnings)."""
 
 
 class Progress(Wire, kw_only=True):
@@ -239,7 +244,7 @@ class CancelResult(Wire, kw_only=True):
 
 class JobInfo(Wire, kw_only=True):
     job_id: str
-    kind: Literal["train", "generate", "export"] = "train"
+    kind: Literal["train", "generate", "export", "adapters/load", "adapters/unload", "adapters/compose"] = "train"
     state: JobState
     phase: Optional[Phase] = None
     base_model: str
@@ -261,6 +266,8 @@ class StatusResult(Wire, kw_only=True):
     queued: list[JobInfo] = []
     recent: list[JobInfo] = []
     loaded_models: list[str] = []
+    adapters: Optional[AdaptersListResult] = None
+    """Resident adapters and the budget, as ``adapters/list`` answers."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +298,8 @@ class Limits(Wire, kw_only=True):
     max_seq_length: int
     max_nesting_depth: int
     """Deepest JSON nesting of one request object (the object itself is level 1)."""
+    adapter_budget_bytes: Optional[int] = None
+    """Bytes that resident adapters may occupy (``LORA_SIDECAR_ADAPTER_BUDGET_MB``)."""
 
 
 class Defaults(Wire, kw_only=True):
@@ -338,10 +347,45 @@ class SupportsResult(Wire, kw_only=True):
 # generate / shutdown
 # ---------------------------------------------------------------------------------------------
 
+AdapterId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9._:@+/-]*$")]
+Scale = Annotated[float, Meta(ge=-10, le=10)]
+
+
+class AdapterRef(Wire, kw_only=True):
+    """One adapter of a set: a resident one by ``id``, or an adapter directory by ``path`` (made resident
+    under the budget if it is not yet), applied with ``scale`` (its update is scale · α/r · B·A)."""
+
+    id: Optional[AdapterId] = None
+    path: Optional[PathText] = None
+    scale: Scale = 1.0
+
+
+class Prompt(Wire, kw_only=True):
+    """One conversation of an exam; ``id`` is echoed in its answers."""
+
+    id: Optional[str] = None
+    messages: Annotated[list[Message], Meta(min_length=1)]
+
+
+class Variant(Wire, kw_only=True):
+    """One adapter set of an exam (empty: the bare base model); ``id`` is echoed in its answers."""
+
+    id: Optional[str] = None
+    adapters: Annotated[list[AdapterRef], Meta(max_length=32)] = []
+
+
 class GenerateParams(Wire, kw_only=True):
+    """One conversation (``messages``) or several (``prompts``), answered by one adapter set
+    (``adapters``, or the legacy ``adapterPath``) or by several (``variants``): every prompt × variant."""
+
     base_model: ModelName = "default"
     adapter_path: Optional[PathText] = None
-    messages: Annotated[list[Message], Meta(min_length=1)]
+    """Legacy: an adapter directory read from disk and applied for this call only (not made resident)."""
+    messages: Optional[Annotated[list[Message], Meta(min_length=1)]] = None
+    prompts: Optional[Annotated[list[Prompt], Meta(min_length=1, max_length=1024)]] = None
+    adapters: Optional[Annotated[list[AdapterRef], Meta(max_length=32)]] = None
+    """Stacked adapters: W + Σ scaleᵢ·(αᵢ/rᵢ)·Bᵢ·Aᵢ. Empty or absent: the bare base model."""
+    variants: Optional[Annotated[list[Variant], Meta(min_length=1, max_length=64)]] = None
     max_new_tokens: Annotated[int, Meta(gt=0, le=4096)] = 128
     temperature: Annotated[float, Meta(ge=0)] = 0.0
     seed: int = 42
@@ -350,15 +394,179 @@ class GenerateParams(Wire, kw_only=True):
     trust_remote_code: bool = False
     logprobs: bool = False
     """Also return the log-probability of each generated token (checks an adapter elsewhere)."""
+    batch_size: Annotated[int, Meta(gt=0, le=512)] = 32
+    """Most rows (prompt × variant) generated in one batch."""
+
+
+class Answer(Wire, kw_only=True):
+    prompt: int
+    """Index into ``prompts`` (0 for ``messages``)."""
+    variant: int
+    """Index into ``variants`` (0 for ``adapters`` / ``adapterPath`` / the bare base)."""
+    prompt_id: Optional[str] = None
+    variant_id: Optional[str] = None
+    text: str
+    tokens: int
+    token_ids: list[int] = []
+    logprobs: Optional[list[float]] = None
+    finish_reason: Literal["stop", "length"]
+    """``stop``: the model ended its turn; ``length``: ``maxNewTokens`` was reached."""
 
 
 class GenerateResult(Wire, kw_only=True):
+    """``answers`` holds every prompt × variant, prompt-major; the top-level ``text``, ``tokens``,
+    ``tokenIds`` and ``logprobs`` repeat the first answer (the only one for a single conversation)."""
+
     text: str
     tokens: int
     base_model: str
     adapter_path: Optional[str] = None
     token_ids: list[int] = []
     logprobs: Optional[list[float]] = None
+    answers: list[Answer] = []
+    adapters: list[str] = []
+    """Ids of the resident adapters this request used."""
+    evicted: list[str] = []
+    """Adapters evicted to make room for ``path`` references loaded by this request."""
+
+
+# ---------------------------------------------------------------------------------------------
+# adapters/load, adapters/unload, adapters/list, adapters/compose (the genome)
+# ---------------------------------------------------------------------------------------------
+
+class AdaptersLoadParams(Wire, kw_only=True):
+    """Make the PEFT LoRA adapter at ``path`` resident on its base model. Loading the same content
+    again (same weights and config, same base) is a no-op that returns the same id."""
+
+    path: PathText
+    id: Optional[AdapterId] = None
+    """Default: ``<directory name>-<first 8 hex of sha256>``."""
+    pin: Optional[bool] = None
+    """Pinned adapters are never evicted. Omitted: new adapters are unpinned, resident ones unchanged."""
+    base_model: Optional[ModelName] = None
+    """Default: ``base_model_name_or_path`` of the adapter's ``adapter_config.json``."""
+    device: Device = "auto"
+    dtype: DType = "auto"
+    trust_remote_code: bool = False
+
+
+class AdaptersLoadResult(Wire, kw_only=True):
+    id: str
+    path: str
+    sha256: str
+    """sha256 of ``adapter_model.safetensors``."""
+    bytes: int
+    """Bytes of the adapter's tensors on the device (what the budget counts)."""
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    target_modules: list[str]
+    base_model: str
+    device: str
+    pinned: bool
+    load_ms: int
+    already_loaded: bool = False
+    evicted: list[str] = []
+    """Ids evicted (least recently used first) to make room."""
+
+
+class AdaptersUnloadParams(Wire, kw_only=True):
+    id: AdapterId
+
+
+class AdaptersUnloadResult(Wire, kw_only=True):
+    id: str
+    bytes_freed: int
+    used_bytes: int
+
+
+class AdaptersListParams(Wire, kw_only=True):
+    pass
+
+
+class AdapterInfo(Wire, kw_only=True):
+    id: str
+    path: str
+    sha256: str
+    bytes: int
+    device: str
+    pinned: bool
+    loaded_at: float
+    """Unix seconds."""
+    last_used_at: Optional[float] = None
+    use_count: int = 0
+    """Requests (generate, compose) that used it."""
+    base_model: str
+    rank: int
+    alpha: float
+    target_modules: list[str] = []
+
+
+class AdaptersListResult(Wire, kw_only=True):
+    adapters: list[AdapterInfo] = []
+    """Least recently used first (the eviction order, pinned ones aside)."""
+    budget_bytes: int
+    used_bytes: int
+
+
+ComposeMethod = Literal["cat", "linear", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                        "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd"]
+
+
+class ComposeSource(Wire, kw_only=True):
+    id: Optional[AdapterId] = None
+    path: Optional[PathText] = None
+    weight: Annotated[float, Meta(ge=-10, le=10)]
+
+
+class AdaptersComposeParams(Wire, kw_only=True):
+    """Combine adapters into a new PEFT adapter directory with PEFT's ``add_weighted_adapter``."""
+
+    sources: Annotated[list[ComposeSource], Meta(min_length=1, max_length=64)]
+    method: ComposeMethod
+    density: Optional[Annotated[float, Meta(gt=0, le=1)]] = None
+    """Fraction of values kept: required by ties, dare_* and magnitude_prune (and their _svd forms)."""
+    svd_rank: Optional[Annotated[int, Meta(gt=0, le=4096)]] = None
+    """Rank of the result for the *_svd methods (default: the largest source rank)."""
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    seed: int = 42
+    """Seeds the random pruning of dare_*."""
+    output_path: Optional[OutputPath] = None
+    name: Optional[AdapterId] = None
+    """Names the default output directory and, with ``load``, the resident id."""
+    load: bool = False
+    pin: Optional[bool] = None
+    base_model: Optional[ModelName] = None
+    """For ``path`` sources; default: the base named in their adapter_config.json."""
+    device: Device = "auto"
+    dtype: DType = "auto"
+    trust_remote_code: bool = False
+
+
+class ComposeParent(Wire, kw_only=True):
+    id: Optional[str] = None
+    path: str
+    sha256: str
+    weight: float
+    rank: int
+    alpha: float
+
+
+class AdaptersComposeResult(Wire, kw_only=True):
+    adapter_path: str
+    manifest_path: str
+    method: str
+    density: Optional[float] = None
+    rank: int
+    target_modules: list[str]
+    sha256: str
+    bytes: int
+    """Size of the written adapter_model.safetensors."""
+    parents: list[ComposeParent]
+    adapter_id: Optional[str] = None
+    """With ``load: true``: the resident id of the result."""
+    evicted: list[str] = []
+    compose_ms: int
 
 
 class ShutdownParams(Wire, kw_only=True):
@@ -392,7 +600,7 @@ class ExportParams(Wire, kw_only=True):
     """Parameters of ``adapters/export``: exactly one of ``adapterPath`` and ``id``."""
 
     adapter_path: Optional[PathText] = None
-    id: Optional[str] = None
+    id: Optional[AdapterId] = None
     """A resident adapter's id (instead of ``adapterPath``)."""
     format: ExportFormat
     output_path: Optional[PathText] = None
@@ -458,6 +666,10 @@ METHODS: dict[str, tuple[type, type]] = {
     "generate": (GenerateParams, GenerateResult),
     "adapters/export": (ExportParams, ExportResult),
     "shutdown": (ShutdownParams, ShutdownResult),
+    "adapters/load": (AdaptersLoadParams, AdaptersLoadResult),
+    "adapters/unload": (AdaptersUnloadParams, AdaptersUnloadResult),
+    "adapters/list": (AdaptersListParams, AdaptersListResult),
+    "adapters/compose": (AdaptersComposeParams, AdaptersComposeResult),
 }
 """Request methods: name → (params type, result type)."""
 

@@ -20,6 +20,12 @@ import {
 } from "./errors.js";
 import { StdioTransport } from "./transport.js";
 import type {
+  AdaptersComposeParams,
+  AdaptersComposeResult,
+  AdaptersListResult,
+  AdaptersLoadParams,
+  AdaptersLoadResult,
+  AdaptersUnloadResult,
   CancelResult,
   ExportParams,
   ExportResult,
@@ -224,6 +230,31 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
    */
   exportAdapter(params: ExportParams, options?: CallOptions): Promise<ExportResult> {
     return this.request("adapters/export", params, options);
+  }
+
+  // --- the adapter genome: resident adapters, stacks, exams, composition ---------------------
+
+  /**
+   * Make the adapter at `params.path` resident on its base model (`adapters/load`). Loading the same
+   * content again returns the same id; `result.evicted` lists the adapters evicted to make room.
+   */
+  loadAdapter(params: AdaptersLoadParams, options?: CallOptions): Promise<AdaptersLoadResult> {
+    return this.request("adapters/load", params, options);
+  }
+
+  /** Drop a resident adapter (`adapters/unload`); rejects with code -32018 for an unknown id. */
+  unloadAdapter(id: string, options?: CallOptions): Promise<AdaptersUnloadResult> {
+    return this.request("adapters/unload", { id }, options);
+  }
+
+  /** Resident adapters, least recently used first, and the budget (`adapters/list`; answers at once). */
+  listAdapters(options?: CallOptions): Promise<AdaptersListResult> {
+    return this.request("adapters/list", {}, options);
+  }
+
+  /** Combine adapters into a new PEFT adapter directory (`adapters/compose`). */
+  composeAdapters(params: AdaptersComposeParams, options?: CallOptions): Promise<AdaptersComposeResult> {
+    return this.request("adapters/compose", params, options);
   }
 
   /** Ask the sidecar to stop (it cancels its jobs). Follow with dispose(), which also sends `exit`. */

@@ -31,6 +31,12 @@ export const ErrorCodes = {
   PathError: -32040,
   ExportRefused: -32030,
   ExportFailed: -32031,
+  AdapterBaseMismatch: -32021,
+  AdapterIdInUse: -32022,
+  AdapterBudgetFull: -32023,
+  AdapterUnsupported: -32024,
+  AdapterInvalid: -32025,
+  ComposeInvalid: -32026,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

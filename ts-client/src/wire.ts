@@ -5,6 +5,184 @@
 // notifications) mark every field as present, because the sidecar always sends every field
 // (null where absent).
 
+export interface AdapterInfo {
+  id: string;
+  path: string;
+  sha256: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  device: string;
+  pinned: boolean;
+  loadedAt: number;
+  lastUsedAt: number | null;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  useCount: number;
+  baseModel: string;
+  /** Constraints: an integer. */
+  rank: number;
+  alpha: number;
+  /** @default [] */
+  targetModules: string[];
+}
+
+/**
+ * One adapter of a set: a resident one by `id`, or an adapter directory by `path` (made resident
+ * under the budget if it is not yet), applied with `scale` (its update is scale · α/r · B·A).
+ */
+export interface AdapterRef {
+  /** Constraints: length >= 1, length <= 128. */
+  id?: string | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  path?: string | null;
+  /**
+   * Constraints: >= -10, <= 10.
+   * @default 1
+   */
+  scale?: number;
+}
+
+/** Combine adapters into a new PEFT adapter directory with PEFT's `add_weighted_adapter`. */
+export interface AdaptersComposeParams {
+  /** Constraints: items >= 1, items <= 64. */
+  sources: ComposeSource[];
+  method: "cat" | "dare_linear" | "dare_linear_svd" | "dare_ties" | "dare_ties_svd" | "linear" | "magnitude_prune" | "magnitude_prune_svd" | "svd" | "ties" | "ties_svd";
+  /** Constraints: > 0, <= 1. */
+  density?: number | null;
+  /** Constraints: an integer, > 0, <= 4096. */
+  svdRank?: number | null;
+  /** @default "total" */
+  majoritySignMethod?: "frequency" | "total";
+  /**
+   * Constraints: an integer.
+   * @default 42
+   */
+  seed?: number;
+  /** Constraints: length >= 1, length <= 4096. */
+  outputPath?: string | null;
+  /** Constraints: length >= 1, length <= 128. */
+  name?: string | null;
+  /** @default false */
+  load?: boolean;
+  pin?: boolean | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  baseModel?: string | null;
+  /** @default "auto" */
+  device?: "auto" | "cpu" | "cuda" | "mps";
+  /** @default "auto" */
+  dtype?: "auto" | "bfloat16" | "float16" | "float32";
+  /** @default false */
+  trustRemoteCode?: boolean;
+}
+
+export interface AdaptersComposeResult {
+  adapterPath: string;
+  manifestPath: string;
+  method: string;
+  density: number | null;
+  /** Constraints: an integer. */
+  rank: number;
+  targetModules: string[];
+  sha256: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  parents: ComposeParent[];
+  adapterId: string | null;
+  /** @default [] */
+  evicted: string[];
+  /** Constraints: an integer. */
+  composeMs: number;
+}
+
+export interface AdaptersListParams {
+}
+
+export interface AdaptersListResult {
+  /** @default [] */
+  adapters: AdapterInfo[];
+  /** Constraints: an integer. */
+  budgetBytes: number;
+  /** Constraints: an integer. */
+  usedBytes: number;
+}
+
+/**
+ * Make the PEFT LoRA adapter at `path` resident on its base model. Loading the same content
+ * again (same weights and config, same base) is a no-op that returns the same id.
+ */
+export interface AdaptersLoadParams {
+  /**
+   * A filesystem path: 1-4096 characters, no control characters (NUL, newline, ...), each component at most 255 bytes of UTF-8.
+   * Constraints: length >= 1, length <= 4096.
+   */
+  path: string;
+  /** Constraints: length >= 1, length <= 128. */
+  id?: string | null;
+  pin?: boolean | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  baseModel?: string | null;
+  /** @default "auto" */
+  device?: "auto" | "cpu" | "cuda" | "mps";
+  /** @default "auto" */
+  dtype?: "auto" | "bfloat16" | "float16" | "float32";
+  /** @default false */
+  trustRemoteCode?: boolean;
+}
+
+export interface AdaptersLoadResult {
+  id: string;
+  path: string;
+  sha256: string;
+  /** Constraints: an integer. */
+  bytes: number;
+  /** Constraints: an integer. */
+  rank: number;
+  alpha: number;
+  /** @default false */
+  useRslora: boolean;
+  targetModules: string[];
+  baseModel: string;
+  device: string;
+  pinned: boolean;
+  /** Constraints: an integer. */
+  loadMs: number;
+  /** @default false */
+  alreadyLoaded: boolean;
+  /** @default [] */
+  evicted: string[];
+}
+
+export interface AdaptersUnloadParams {
+  /** Constraints: length >= 1, length <= 128. */
+  id: string;
+}
+
+export interface AdaptersUnloadResult {
+  id: string;
+  /** Constraints: an integer. */
+  bytesFreed: number;
+  /** Constraints: an integer. */
+  usedBytes: number;
+}
+
+export interface Answer {
+  /** Constraints: an integer. */
+  prompt: number;
+  /** Constraints: an integer. */
+  variant: number;
+  promptId: string | null;
+  variantId: string | null;
+  text: string;
+  /** Constraints: an integer. */
+  tokens: number;
+  /** @default [] */
+  tokenIds: number[];
+  logprobs: number[] | null;
+  finishReason: "length" | "stop";
+}
+
 export interface CancelParams {
   /**
    * A job id: 1-64 characters, no control characters.
@@ -21,6 +199,25 @@ export interface CancelRequestParams {
 export interface CancelResult {
   jobId: string;
   state: "cancelled" | "cancelling" | "completed" | "failed" | "unknown";
+}
+
+export interface ComposeParent {
+  id: string | null;
+  path: string;
+  sha256: string;
+  weight: number;
+  /** Constraints: an integer. */
+  rank: number;
+  alpha: number;
+}
+
+export interface ComposeSource {
+  /** Constraints: length >= 1, length <= 128. */
+  id?: string | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  path?: string | null;
+  /** Constraints: >= -10, <= 10. */
+  weight: number;
 }
 
 export interface Dataset {
@@ -77,6 +274,7 @@ export interface ExitParams {
 export interface ExportParams {
   /** Constraints: length >= 1, length <= 4096. */
   adapterPath?: string | null;
+  /** Constraints: length >= 1, length <= 128. */
   id?: string | null;
   format: "gguf-lora" | "merged" | "merged-gguf";
   /** Constraints: length >= 1, length <= 4096. */
@@ -118,6 +316,10 @@ export interface ExportedFile {
   sha256: string;
 }
 
+/**
+ * One conversation (`messages`) or several (`prompts`), answered by one adapter set
+ * (`adapters`, or the legacy `adapterPath`) or by several (`variants`): every prompt × variant.
+ */
 export interface GenerateParams {
   /**
    * A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); 1-4096 characters, no control characters.
@@ -128,7 +330,13 @@ export interface GenerateParams {
   /** Constraints: length >= 1, length <= 4096. */
   adapterPath?: string | null;
   /** Constraints: items >= 1. */
-  messages: Message[];
+  messages?: Message[] | null;
+  /** Constraints: items >= 1, items <= 1024. */
+  prompts?: Prompt[] | null;
+  /** Constraints: items <= 32. */
+  adapters?: AdapterRef[] | null;
+  /** Constraints: items >= 1, items <= 64. */
+  variants?: Variant[] | null;
   /**
    * Constraints: an integer, > 0, <= 4096.
    * @default 128
@@ -152,8 +360,17 @@ export interface GenerateParams {
   trustRemoteCode?: boolean;
   /** @default false */
   logprobs?: boolean;
+  /**
+   * Constraints: an integer, > 0, <= 512.
+   * @default 32
+   */
+  batchSize?: number;
 }
 
+/**
+ * `answers` holds every prompt × variant, prompt-major; the top-level `text`, `tokens`,
+ * `tokenIds` and `logprobs` repeat the first answer (the only one for a single conversation).
+ */
 export interface GenerateResult {
   text: string;
   /** Constraints: an integer. */
@@ -163,12 +380,18 @@ export interface GenerateResult {
   /** @default [] */
   tokenIds: number[];
   logprobs: number[] | null;
+  /** @default [] */
+  answers: Answer[];
+  /** @default [] */
+  adapters: string[];
+  /** @default [] */
+  evicted: string[];
 }
 
 export interface JobInfo {
   jobId: string;
   /** @default "train" */
-  kind: "export" | "generate" | "train";
+  kind: "adapters/compose" | "adapters/load" | "adapters/unload" | "export" | "generate" | "train";
   state: "cancelled" | "completed" | "failed" | "queued" | "running";
   phase: "cancelled" | "completed" | "evaluating" | "failed" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
@@ -200,6 +423,8 @@ export interface Limits {
   maxSeqLength: number;
   /** Constraints: an integer. */
   maxNestingDepth: number;
+  /** Constraints: an integer. */
+  adapterBudgetBytes: number | null;
 }
 
 /** One chat turn. `role` is checked by the dataset layer (DatasetInvalid names the example). */
@@ -244,6 +469,13 @@ export interface Progress {
   message: string | null;
 }
 
+/** One conversation of an exam; `id` is echoed in its answers. */
+export interface Prompt {
+  id?: string | null;
+  /** Constraints: items >= 1. */
+  messages: Message[];
+}
+
 export interface Quantization {
   fourBit: boolean;
   eightBit: boolean;
@@ -271,6 +503,7 @@ export interface StatusResult {
   recent: JobInfo[];
   /** @default [] */
   loadedModels: string[];
+  adapters: AdaptersListResult | null;
 }
 
 export interface SupportsParams {
@@ -452,6 +685,8 @@ export interface TrainParams {
    * @default 0.25
    */
   progressInterval?: number;
+  /** @default false */
+  load?: boolean;
 }
 
 export interface TrainResult {
@@ -463,6 +698,17 @@ export interface TrainResult {
   metrics: TrainMetrics;
   /** @default [] */
   warnings: string[];
+  adapterId: string | null;
+}
+
+/** One adapter set of an exam (empty: the bare base model); `id` is echoed in its answers. */
+export interface Variant {
+  id?: string | null;
+  /**
+   * Constraints: items <= 32.
+   * @default []
+   */
+  adapters?: AdapterRef[];
 }
 
 /** Every request method: its params and result types. */
@@ -474,6 +720,10 @@ export interface Methods {
   generate: { params: GenerateParams; result: GenerateResult };
   "adapters/export": { params: ExportParams; result: ExportResult };
   shutdown: { params: ShutdownParams; result: ShutdownResult };
+  "adapters/load": { params: AdaptersLoadParams; result: AdaptersLoadResult };
+  "adapters/unload": { params: AdaptersUnloadParams; result: AdaptersUnloadResult };
+  "adapters/list": { params: AdaptersListParams; result: AdaptersListResult };
+  "adapters/compose": { params: AdaptersComposeParams; result: AdaptersComposeResult };
 }
 
 /** Every notification the sidecar sends: its params type. */
@@ -481,6 +731,6 @@ export interface Notifications {
   progress: Progress;
 }
 
-export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown"] as const;
+export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown","adapters/load","adapters/unload","adapters/list","adapters/compose"] as const;
 
 export const NOTIFICATION_NAMES = ["progress"] as const;

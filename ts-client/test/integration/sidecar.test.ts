@@ -105,6 +105,46 @@ describe("SidecarClient with the real sidecar", () => {
     assert.equal((err.data as { reason?: string }).reason, "base-not-gguf");
   });
 
+  it("genome: train with load, exam, stack, compose, unload — typed methods", async () => {
+    const trained = await client.train(params({ maxSteps: 2, outputPath: join(out, "genome-a"), load: true }));
+    assert.ok(trained.adapterId, "train {load: true} returns the resident id");
+    const second = await client.loadAdapter({ path: join(out, "first"), id: "first" });
+    assert.equal(second.id, "first");
+    assert.equal((await client.loadAdapter({ path: join(out, "first") })).alreadyLoaded, true);
+    const listed = await client.listAdapters();
+    assert.deepEqual(listed.adapters.map((a) => a.id).sort(), [trained.adapterId!, "first"].sort());
+    assert.ok(listed.usedBytes > 0 && listed.usedBytes <= listed.budgetBytes);
+
+    const exam = await client.generate({
+      baseModel: model,
+      prompts: [{ id: "q1", messages: [{ role: "user", content: "Hi" }] }, { messages: [{ role: "user", content: "Bye" }] }],
+      variants: [{ id: "base" }, { id: "both", adapters: [{ id: "first", scale: 0.5 }, { id: trained.adapterId!, scale: 0.5 }] }],
+      maxNewTokens: 3,
+    });
+    assert.deepEqual(exam.answers.map((a) => [a.prompt, a.variant]), [[0, 0], [0, 1], [1, 0], [1, 1]]);
+    assert.equal(exam.answers[0]!.promptId, "q1");
+    assert.equal(exam.answers[1]!.variantId, "both");
+
+    const composed = await client.composeAdapters({
+      sources: [{ id: "first", weight: 0.5 }, { id: trained.adapterId!, weight: 0.5 }],
+      method: "cat",
+      outputPath: join(out, "composed"),
+      load: true,
+      name: "composed",
+    });
+    assert.equal(composed.adapterId, "composed");
+    assert.equal(composed.parents.length, 2);
+    assert.ok(existsSync(composed.manifestPath));
+
+    const unloaded = await client.unloadAdapter("composed");
+    assert.equal(unloaded.id, "composed");
+    const err = await client.unloadAdapter("composed").catch((e) => e);
+    assert.ok(err instanceof SidecarError, String(err));
+    assert.equal(err.code, -32018);
+    const status = await client.status();
+    assert.equal(status.adapters?.adapters.length, 2);
+  });
+
   it("abort mid-training rejects as cancelled, and the next train succeeds", async () => {
     const ac = new AbortController();
     const outputPath = join(out, "aborted");
