@@ -61,15 +61,18 @@ def _handler(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class Server:
-    def __init__(self, reader: FrameReader, writer: MessageWriter, worker_thread: bool = True) -> None:
+    def __init__(self, reader: FrameReader, writer: MessageWriter, worker_thread: bool = True,
+                 journal: Any = None) -> None:
         self.reader = reader
+        self.journal = journal  # sidecar.journal.Journal: train jobs on disk, for status after a restart
         self.writer = writer
         self._models = None
         self.shutdown_requested = False
         self.exit_requested = False
         self._stopping = threading.Lock()
         self.jobs = JobQueue({"train": self._run_train, "generate": self._run_generate},
-                             notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
+                             notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread,
+                             journal=journal)
         self.methods = {
             "supports": _handler(self.supports),
             "train": _handler(self.train),
@@ -164,7 +167,9 @@ class Server:
     def train(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.TrainParams)
         from .data import check_sources
+        from .training.resume import prepare_request
 
+        p = prepare_request(params, p)  # resumeFrom / initFrom: the job's stored params, checked
         check_sources(p)
         job = self.jobs.submit("train", p, job_id=p.job_id, base_model=p.base_model, received_at=ctx.received_at,
                                request_id=ctx.request_id, framing=ctx.framing,
@@ -181,7 +186,10 @@ class Server:
 
     def cancel(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelParams)
-        return wire.to_builtins(wire.CancelResult(job_id=p.job_id, state=self.jobs.cancel(p.job_id)))
+        state = self.jobs.cancel(p.job_id)
+        if state == "unknown" and self.journal is not None:  # a job of an earlier process
+            state = self.journal.cancel(p.job_id) or state
+        return wire.to_builtins(wire.CancelResult(job_id=p.job_id, state=state))
 
     def cancel_request(self, ctx: RequestContext, params: Any) -> Any:
         if isinstance(params, dict) and "id" in params:
@@ -191,9 +199,12 @@ class Server:
     def status(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.StatusParams)
         running, queued, recent = self.jobs.status()
+        infos = [j.info() for j in recent]
+        if self.journal is not None:  # with the jobs of earlier processes, interrupted ones included
+            infos = self.journal.recent(infos)
         return wire.to_builtins(wire.StatusResult(
             running=running.info() if running else None, queued=[j.info() for j in queued],
-            recent=[j.info() for j in recent], loaded_models=self._loaded()))
+            recent=infos, loaded_models=self._loaded()))
 
     def shutdown(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.ShutdownParams)
@@ -286,8 +297,12 @@ def serve_stdio() -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
     _die_with_parent()
+    from .journal import Journal
+
+    journal = Journal()
+    journal.recover()  # jobs of a dead process become `interrupted`; old entries and temp dirs go
     # Jobs run on the main thread (see JobQueue); the protocol is read on a secondary one.
-    server = Server(FrameReader(sys.stdin.buffer), MessageWriter(out), worker_thread=False)
+    server = Server(FrameReader(sys.stdin.buffer), MessageWriter(out), worker_thread=False, journal=journal)
 
     def finish(code: int) -> None:
         out.flush()
