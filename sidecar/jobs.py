@@ -229,6 +229,8 @@ class JobQueue:
 
     def _finish_locked(self, job: Job, state: str, exc: errors.SidecarError | None, result: Any = None) -> None:
         job.state, job.finished_at = state, time.time()
+        if state == "completed":
+            job.last_checkpoint = None  # a completed job's checkpoints are deleted with its job directory
         if exc is not None:
             exc.data.setdefault("jobId", job.job_id)
             job.error = exc.message
