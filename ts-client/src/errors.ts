@@ -28,6 +28,10 @@ export const ErrorCodes = {
   AdapterNotFound: -32018,
   OutputExists: -32019,
   DuplicateJob: -32020,
+  CheckpointNotFound: -32035,
+  ResumeMismatch: -32036,
+  CheckpointInvalid: -32037,
+  AdapterMismatch: -32038,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];
