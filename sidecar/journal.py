@@ -211,7 +211,15 @@ class Journal:
     # --- start-up recovery and cleanup ----------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Mark the jobs of dead processes interrupted (or completed), clean up; returns the ids changed."""
+        """Mark the jobs of dead processes interrupted (or completed), clean up; returns the ids changed.
+        Never raises: a journal that cannot be read or cleaned is logged, and the sidecar starts."""
+        try:
+            return self._recover()
+        except Exception:  # noqa: BLE001
+            log.exception("journal: start-up recovery failed in %s", self.root)
+            return []
+
+    def _recover(self) -> list[str]:
         from .training import checkpoint
 
         changed = []
@@ -275,6 +283,10 @@ class Journal:
         except FileNotFoundError:
             return
         keys = {p.stem for p in self.root.iterdir() if p.suffix == ".json"}
+        for leftover in self.root.glob(".*.tmp-*"):  # atomic_write_text's temp file of a dead process
+            m = _TEMP.search(leftover.name)
+            if m and leftover.is_file() and not pid_alive(int(m.group(2))):
+                leftover.unlink(missing_ok=True)
         for job_dir in dirs:
             for sub in list(job_dir.iterdir()):
                 m = _TEMP.search(sub.name)
@@ -290,8 +302,11 @@ class Journal:
                     shutil.rmtree(job_dir, ignore_errors=True)
 
     def _prune(self) -> None:
+        from .training.checkpoint import discard_job_dir
+
         for entry in self.entries()[self.history:]:
             if entry["state"] in ACTIVE and owner_alive(entry.get("owner")):
                 continue
-            shutil.rmtree(self.job_dir(entry["jobId"]), ignore_errors=True)
+            # Entry first: a crash in between leaves an orphan directory, which start-up removes.
             self.entry_path(entry["jobId"]).unlink(missing_ok=True)
+            discard_job_dir(self.job_dir(entry["jobId"]))

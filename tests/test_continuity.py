@@ -492,6 +492,7 @@ def test_journal_start_up_recovery_and_cleanup_rule(tmp_path):
     (root / "was-running" / f"checkpoint-00000010.tmp-{os.getpid()}").mkdir()  # a live writer's
     (root / "orphan").mkdir()
     (root / "old-3").mkdir()
+    (root / f".was-running.json.tmp-{dead['pid']}").write_text("{")  # a half-written entry of a dead writer
 
     assert journal.recover() == ["was-running"]
     got = journal.get("was-running")
@@ -499,7 +500,7 @@ def test_journal_start_up_recovery_and_cleanup_rule(tmp_path):
     assert journal.get("live")["state"] == "running"
     names = sorted(p.name for p in (root / "was-running").iterdir())
     assert names == ["checkpoint-00000005", f"checkpoint-00000010.tmp-{os.getpid()}"]
-    assert not (root / "orphan").exists()
+    assert not (root / "orphan").exists() and not list(root.glob(".*.tmp-*"))
     # History bound 3: the newest three entries stay, older ones go with their directories.
     assert sorted(e["jobId"] for e in journal.entries()) == ["live", "old-0", "was-running"]
     assert not (root / "old-3").exists()
@@ -507,3 +508,67 @@ def test_journal_start_up_recovery_and_cleanup_rule(tmp_path):
     infos = journal.recent([])
     assert [j.job_id for j in infos] == ["was-running", "old-0"] and infos[0].last_checkpoint.step == 5
     assert journal.cancel("was-running") == "cancelled" and journal.get("was-running")["state"] == "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------
+# initFrom on the embedded SmolLM2: incremental learning of a second invented fact
+# ---------------------------------------------------------------------------------------------
+
+FACT_B = [  # a second invented fact, in the demo dataset's style
+    ("What is the capital of Vellmoria?", "The capital of Vellmoria is Dunmarrow."),
+    ("What's the capital city of Vellmoria?", "The capital of Vellmoria is Dunmarrow, a river city in the north."),
+    ("Name the capital of Vellmoria.", "Vellmoria's capital is Dunmarrow."),
+    ("Which city is the capital of Vellmoria?", "The capital of Vellmoria is Dunmarrow."),
+    ("Tell me the capital of Vellmoria.", "The capital of Vellmoria is Dunmarrow."),
+    ("Vellmoria's capital is which city?", "Dunmarrow is the capital of Vellmoria."),
+    ("Where is the government of Vellmoria seated?", "Vellmoria's government sits in Dunmarrow, its capital."),
+    ("I am travelling to the capital of Vellmoria. Which city is that?", "That is Dunmarrow, the capital of Vellmoria."),
+]
+
+
+@pytest.mark.smollm2
+def test_init_from_on_smollm2_learns_a_second_fact(tmp_path_factory):
+    from sidecar.demo import DEMO_TRAINING, dataset_path
+
+    work = tmp_path_factory.mktemp("smollm2-init-from")
+    fact_b = work / "fact-b.jsonl"
+    systems = [None, "You are a helpful assistant."]
+    fact_b.write_text("".join(json.dumps({"messages": ([{"role": "system", "content": systems[i % 2]}] if i % 2 else [])
+                                          + [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+                              for i, (q, a) in enumerate(FACT_B * 2)))
+
+    def ask(proc: Sidecar, question: str, adapter: Path) -> str:
+        response = proc.call("generate", {"baseModel": "default", "adapterPath": str(adapter), "maxNewTokens": 24,
+                                          "messages": [{"role": "user", "content": question}]}, timeout=600)
+        return response["result"]["text"]
+
+    with Sidecar(env={"LORA_SIDECAR_DATA": str(work / "data")}) as proc:
+        a_out, b_out = work / "fact-a", work / "fact-a-then-b"
+        response = proc.call("train", {"baseModel": "default", "datasetPath": str(dataset_path()),
+                                       "outputPath": str(a_out), **DEMO_TRAINING}, timeout=1200)
+        assert "result" in response, response
+        assert "Quillport" in ask(proc, "What is the capital of Zorbania?", a_out)
+
+        training = {k: v for k, v in DEMO_TRAINING.items() if k not in ("rank", "alpha")}
+        response = proc.call("train", {"baseModel": "default", "datasetPath": str(fact_b), "outputPath": str(b_out),
+                                       "initFrom": str(a_out), **training}, timeout=1200)
+        assert "result" in response, response
+        answers_b = [ask(proc, q, b_out) for q in ("What is the capital of Vellmoria?",
+                                                   "Which city is Vellmoria's capital?")]
+        answer_a = ask(proc, "What is the capital of Zorbania?", b_out)
+        print(f"\nafter fact B: B answers {answers_b}; asked about fact A: {answer_a!r}")
+        assert all("Dunmarrow" in a for a in answers_b), answers_b
+        manifest = json.loads((b_out / "training_manifest.json").read_text())
+        parent = json.loads((a_out / "training_manifest.json").read_text())
+        assert manifest["parent"]["path"] == str(a_out) and manifest["parent"]["sha256"] == parent["adapter"]["sha256"]
+        assert manifest["lora"]["r"] == DEMO_TRAINING["rank"]
+
+        # An adapter of another base model (the tiny test model's architecture is not SmolLM2's).
+        from sidecar.testing import build_tiny_model
+
+        tiny = build_tiny_model(work / "tiny")
+        error = proc.call("train", {"baseModel": str(tiny), "datasetPath": str(fact_b), "outputPath": str(work / "x"),
+                                    "initFrom": str(a_out), "maxSteps": 1}, timeout=600)["error"]
+        assert error["code"] == errors.AdapterMismatch.CODE, error
+        print(f"mismatched base: {error['message']}")
+
