@@ -133,7 +133,7 @@ class Journal:
                 "baseModel": job.base_model, "step": job.step, "totalSteps": job.total_steps,
                 "submittedAt": job.received_at, "startedAt": job.started_at, "finishedAt": job.finished_at,
                 "error": job.error, "adapterPath": job.adapter_path,
-                "lastCheckpoint": wire.to_builtins(job.last_checkpoint) if job.last_checkpoint else None,
+                "lastCheckpoint": wire.to_builtins(job.last_checkpoint or self._last_on_disk(job)),
                 "outputPath": getattr(job.params, "output_path", None), "owner": self.owner,
                 "updatedAt": time.time(),
             }
@@ -152,6 +152,16 @@ class Journal:
                     self._prune()
         except Exception:  # noqa: BLE001 - the journal must never fail a job
             log.exception("journal: cannot record job %s", getattr(job, "job_id", "?"))
+
+    def _last_on_disk(self, job: Any) -> Optional[wire.CheckpointRef]:
+        """A job that ended without writing a checkpoint itself (a resume cancelled while queued) may
+        still have its earlier ones."""
+        if job.state in ACTIVE or job.state == "completed":
+            return None
+        from .training import checkpoint
+
+        last = checkpoint.latest(self.job_dir(job.job_id))
+        return checkpoint.ref(last, checkpoint.read_state(last, verify=False)) if last is not None else None
 
     def cancel(self, job_id: str) -> Optional[str]:
         """``cancel`` of a job of an earlier process: an interrupted one becomes cancelled (no longer

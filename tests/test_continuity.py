@@ -409,6 +409,16 @@ def test_early_stopping_writes_the_best_checkpoint(cache, data_dir, tiny_model_d
     assert max_diff({k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
                      for k, v in written.items()}, saved[best]) == 0.0
 
+    # Interrupted after the best step and resumed, the job stops at the same step with the same adapter:
+    # the early-stopping state (best, evaluations without improvement) is part of the checkpoint.
+    cut = best + 1  # evaluations fall on even steps: the cancel lands in training and checkpoints step `cut`
+    with pytest.raises(errors.RequestCancelled):
+        train_inproc(cache, {**params, "outputPath": str(tmp_path / "es2"), "checkpointEvery": 3}, "early-2",
+                     stop_at=cut)
+    again = train_inproc(cache, {"resumeFrom": "early-2", "progressInterval": 0}, "early-2")
+    assert again.metrics.resumed_from_step == cut and again.metrics.best_step == best
+    assert again.metrics.steps == result.metrics.steps and max_diff(weights(again.adapter_path), written) == 0.0
+
 
 def weights_of_checkpoint(path: Path) -> dict:
     from safetensors.torch import load_file
@@ -527,6 +537,7 @@ FACT_B = [  # a second invented fact, in the demo dataset's style
 
 
 @pytest.mark.smollm2
+@pytest.mark.timeout(1500)  # two SmolLM2 trainings of about a minute each on 2 quiet cores
 def test_init_from_on_smollm2_learns_a_second_fact(tmp_path_factory):
     from sidecar.demo import DEMO_TRAINING, dataset_path
 

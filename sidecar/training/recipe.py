@@ -338,8 +338,11 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         first_step_at: Optional[float] = None
         train_started, base_wall = time.monotonic(), prog.training_wall
         start_epoch, start_group = prog.next_epoch, prog.next_group
-        finished = stopped_early = False
-        for epoch in range(start_epoch, n_epochs):
+        # A checkpoint taken after the last step (a cancel while saving) or after early stopping resumes
+        # straight into saving.
+        stopped_early = stopper is not None and stopper.should_stop
+        finished = stopped_early or prog.step >= total_steps
+        for epoch in range(start_epoch, n_epochs) if not finished else ():
             batches = data.epoch_batches(lengths, params.batch_size, seed=params.seed, epoch=epoch,
                                          group_by_length=params.group_by_length)
             for g in range(start_group if epoch == start_epoch else 0, len(batches), params.gradient_accumulation):
