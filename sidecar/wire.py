@@ -176,8 +176,9 @@ class TrainMetrics(Wire, kw_only=True):
     model_cached: bool
     peak_memory_mb: float
     resumed_from_step: Optional[int] = None
-    """Set when the job continued from a checkpoint: ``tokensPerSecond`` and ``timeToFirstStepMs``
-    then describe the resumed part; losses, steps and examples cover the whole run."""
+    """Set when the job continued from a checkpoint. Losses, steps, examples, ``tokensPerSecond`` and
+    ``trainingTime`` cover the whole run; ``timeToFirstStepMs``, ``loadTimeMs``, ``modelCached`` and
+    ``peakMemoryMb`` describe the resumed process."""
     best_step: Optional[int] = None
     """With early stopping: the step whose adapter was written (its validation loss is ``validationLoss``)."""
     stopped_early: bool = False
