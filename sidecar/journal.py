@@ -19,8 +19,9 @@ Cleanup rule — at start-up (``recover``), and the history bound again after ea
 3. History is bounded: the newest ``LORA_SIDECAR_JOB_HISTORY`` entries (default 50) are kept; older
    ones are deleted with their job directories.
 
-A job that completes deletes its own directory (the adapter is the result; its checkpoints are no
-longer needed); cancelled, failed and interrupted jobs keep theirs, so they can be resumed.
+A job that completes deletes its checkpoints as soon as its adapter is in place, and its directory
+once the completion is journaled (the adapter is the result); cancelled, failed and interrupted jobs
+keep theirs, so they can be resumed.
 """
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def test_default_rule_writes_no_checkpoint_for_a_short_job(cache, data_dir, tiny
     result = train_inproc(cache, {**params, "maxSteps": 4}, "short")
     manifest = json.loads(Path(result.manifest_path).read_text())
     assert manifest["checkpointing"] == {"every": 0, "seconds": 600.0, "keep": 2, "written": 0, "secondsSpent": 0.0}
-    assert not (data_dir / "jobs" / "short").exists()
+    assert checkpoint.list_checkpoints(data_dir / "jobs" / "short") == []
 
 
 VALIDATION = {"examples": [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -583,3 +583,16 @@ def test_init_from_on_smollm2_learns_a_second_fact(tmp_path_factory):
         assert error["code"] == errors.AdapterMismatch.CODE, error
         print(f"mismatched base: {error['message']}")
 
+
+
+def test_checkpointing_bench_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
+    """bench.checkpointing (figures in docs/PERFORMANCE.md) end to end on the tiny model, 3 steps a row."""
+    from bench.checkpointing import run
+    from bench.common import JobSettings
+
+    res = run(JobSettings(model=str(tiny_model_dir), max_steps=3, threads=1), tmp_path)
+    rows = {r["name"]: r for r in res["rows"]}
+    assert [rows[n]["checkpoints"] for n in ("off", "default", "every_4", "every_1", "off_repeat")] == [0, 0, 0, 2, 0]
+    assert rows["every_1"]["per_checkpoint_s"] > 0 and rows["every_1"]["checkpoint_bytes"] > 0
+    assert res["default_rule_overhead_long_job"] == pytest.approx(res["per_checkpoint_s"] / 600)
+    assert all(r["steps"] == 3 and r["tokens_per_s"] > 0 for r in res["rows"])

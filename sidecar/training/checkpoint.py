@@ -200,7 +200,7 @@ def clear(job_dir: Path) -> None:
 
 
 def discard_job_dir(job_dir: Path) -> None:
-    """Delete a job's directory (params and checkpoints) once its adapter is written."""
+    """Delete a job's directory (params and checkpoints): its completion is journaled, or it is too old."""
     for path in list_checkpoints(job_dir):
         _discard(path)
     shutil.rmtree(job_dir, ignore_errors=True)

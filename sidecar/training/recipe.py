@@ -489,7 +489,10 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             target.rmdir()  # an empty directory the caller created for us
         os.rename(tmp, target)
         renamed = True
-        checkpoint.discard_job_dir(job_dir)  # the adapter is the result now; params and checkpoints go
+        # The adapter is the result now: its checkpoints go. params.json stays until the journal has
+        # recorded the completion (it then removes the directory), so a crash in between is still
+        # recognised as completed at the next start (it names the output path).
+        checkpoint.clear(job_dir)
         prog.send("saving", message=f"Adapter written to {target}")
         return wire.TrainResult(job_id=job_id, adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE),
                                 metrics=metrics, warnings=job_warnings)
