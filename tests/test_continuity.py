@@ -585,6 +585,27 @@ def test_init_from_on_smollm2_learns_a_second_fact(tmp_path_factory):
 
 
 
+def test_journal_recognises_a_job_that_died_after_its_adapter_was_in_place(tmp_path):
+    root = tmp_path / "jobs"
+    journal = Journal(root)
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "training_manifest.json").write_text(json.dumps({"jobId": "almost"}))
+    params = msgspec.convert({"dataset": chat_dataset(2), "outputPath": str(out)}, wire.TrainParams)
+    checkpoint.save_params(root / "almost", "almost", params)
+    doc = json.loads((root / "almost" / "params.json").read_text())
+    doc["owner"] = {"pid": _dead_pid(), "boot": None, "started": None}
+    (root / "almost" / "params.json").write_text(json.dumps(doc))
+    (root / "almost.json").write_text(json.dumps({
+        "format": "lora-sidecar.job/1", "jobId": "almost", "kind": "train", "state": "running", "phase": "saving",
+        "baseModel": "m", "step": 4, "totalSteps": 4, "submittedAt": 1.0, "startedAt": 1.0, "finishedAt": None,
+        "error": None, "adapterPath": None, "lastCheckpoint": None, "owner": doc["owner"], "updatedAt": 1.0}))
+    assert journal.recover() == ["almost"]
+    entry = journal.get("almost")
+    assert entry["state"] == "completed" and entry["adapterPath"] == str(out)
+    assert not (root / "almost").exists()
+
+
 def test_checkpointing_bench_runs_on_the_tiny_model(tiny_model_dir, tmp_path):
     """bench.checkpointing (figures in docs/PERFORMANCE.md) end to end on the tiny model, 3 steps a row."""
     from bench.checkpointing import run
