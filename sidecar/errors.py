@@ -152,10 +152,30 @@ class ComposeInvalid(SidecarError):
     CODE, MESSAGE = -32026, "Composition not possible"
 
 
+# Training continuity (-32035 … -32039).
+class CheckpointNotFound(SidecarError):
+    CODE, MESSAGE = -32035, "No checkpoint to resume from"
+
+
+class ResumeMismatch(SidecarError):
+    """``data.differs``: ``[{field, checkpoint, request}]`` — what the request would change."""
+
+    CODE, MESSAGE = -32036, "The request differs from the job it resumes"
+
+
+class CheckpointInvalid(SidecarError):
+    CODE, MESSAGE = -32037, "Checkpoint is damaged or incompatible"
+
+
+class AdapterMismatch(SidecarError):
+    CODE, MESSAGE = -32038, "The adapter does not fit this base model"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
     Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob, PathError,
     ExportRefused, ExportFailed,
     AdapterBaseMismatch, AdapterIdInUse, AdapterBudgetFull, AdapterUnsupported, AdapterInvalid, ComposeInvalid,
+    CheckpointNotFound, ResumeMismatch, CheckpointInvalid, AdapterMismatch,
 ]

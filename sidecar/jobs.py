@@ -4,7 +4,9 @@ One worker means a ``generate`` never sees a model that carries another job's Lo
 warm ``ModelCache`` needs no cross-job locking. ``cancel``, ``status`` and ``supports`` never wait
 for the worker. Progress from the engine is throttled here and turned into ``progress``
 notifications through the ``notify`` callback; the last notification of a job is always written
-before its result is released, so none can follow the job's response.
+before its result is released, so none can follow the job's response. With a ``journal``
+(sidecar/journal.py) every train job's transitions and checkpoints are also written to disk; a job
+stopped by ``stop()`` (shutdown, EOF, signal) ends ``interrupted`` rather than ``cancelled``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from . import errors, wire
 
 log = logging.getLogger("sidecar.jobs")
 
-FINAL_PHASES = ("completed", "failed", "cancelled")
+FINAL_PHASES = ("completed", "failed", "cancelled", "interrupted")
 
 
 @dataclass
@@ -45,6 +47,8 @@ class Job:
     finished_at: float | None = None
     error: str | None = None
     adapter_path: str | None = None
+    last_checkpoint: Any = None  # wire.CheckpointRef of the newest checkpoint
+    interrupted: bool = False  # stopped by stop(), not by cancel
     cancel_event: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
     # Throttling state, guarded by JobQueue.lock.
@@ -58,7 +62,7 @@ class Job:
             job_id=self.job_id, kind=self.kind, state=self.state, phase=self.phase, base_model=self.base_model,
             step=self.step, total_steps=self.total_steps, submitted_at=self.received_at,
             started_at=self.started_at, finished_at=self.finished_at, error=self.error,
-            adapter_path=self.adapter_path,
+            adapter_path=self.adapter_path, last_checkpoint=self.last_checkpoint,
         )
 
 
@@ -73,8 +77,10 @@ class JobQueue:
         max_queue: int = 8,
         keep_recent: int = 20,
         own_thread: bool = True,
+        journal: Any = None,
     ) -> None:
         self.runners = runners
+        self.journal = journal
         self.notify = notify
         self.max_queue = max_queue
         self.lock = threading.RLock()
@@ -112,6 +118,7 @@ class JobQueue:
                 raise errors.DuplicateJob(f"Job {job_id!r} is already queued or running", jobId=job_id)
             job = Job(job_id=job_id, kind=kind, params=params, base_model=base_model, received_at=received_at,
                       request_id=request_id, framing=framing, progress_interval=progress_interval)
+            self._record(job)
             self.queue.append(job)
             if request_id is not None:
                 self.by_request[request_id] = job
@@ -145,7 +152,7 @@ class JobQueue:
                 return "cancelling"
             if job.state == "queued":
                 self.queue.remove(job)
-                self._finish_locked(job, "cancelled", errors.RequestCancelled(
+                self._finish_locked(job, "interrupted" if job.interrupted else "cancelled", errors.RequestCancelled(
                     f"Job {job_id} cancelled before it started", jobId=job_id, stepsCompleted=0))
                 return "cancelled"
             return job.state
@@ -169,8 +176,10 @@ class JobQueue:
             self.accepting = False
             ids = [j.job_id for j in self.queue] + ([self.running.job_id] if self.running else [])
             for job in list(self.queue):
+                job.interrupted = True
                 self.cancel(job.job_id)
             if self.running:
+                self.running.interrupted = True
                 self.running.cancel_event.set()
             self.stopped = True
             self.wakeup.notify_all()
@@ -197,11 +206,12 @@ class JobQueue:
                 job = self.queue.popleft()
                 job.state, job.started_at = "running", time.time()
                 self.running = job
+                self._record(job)
             try:
                 result = self.runners[job.kind](
                     job, lambda p, job=job: self._report(job, p), job.cancel_event.is_set)
             except errors.RequestCancelled as exc:
-                self._finish(job, "cancelled", exc)
+                self._finish(job, "interrupted" if job.interrupted else "cancelled", exc)
             except errors.SidecarError as exc:
                 log.warning("job %s failed: %s", job.job_id, exc.message)
                 self._finish(job, "failed", exc)
@@ -219,6 +229,8 @@ class JobQueue:
 
     def _finish_locked(self, job: Job, state: str, exc: errors.SidecarError | None, result: Any = None) -> None:
         job.state, job.finished_at = state, time.time()
+        if state == "completed":
+            job.last_checkpoint = None  # a completed job's checkpoints are deleted with its job directory
         if exc is not None:
             exc.data.setdefault("jobId", job.job_id)
             job.error = exc.message
@@ -226,6 +238,7 @@ class JobQueue:
             self.running = None
         self.recent.append(job)
         self.by_request.pop(job.request_id, None)
+        self._record(job)
         if job.kind == "train":
             final = wire.Progress(job_id=job.job_id, phase=state, step=job.step, total_steps=job.total_steps,
                                   elapsed_seconds=round(job.finished_at - (job.started_at or job.received_at), 3),
@@ -239,13 +252,22 @@ class JobQueue:
 
     # --- progress -----------------------------------------------------------------------------
 
+    def _record(self, job: Job) -> None:
+        if self.journal is not None and job.kind == "train":
+            self.journal.record(job)
+
     def _report(self, job: Job, progress: wire.Progress) -> None:
-        """Throttle and forward one progress update; never backwards, never after the job closed."""
+        """Throttle and forward one progress update; never backwards, never after the job closed.
+        A checkpoint is journaled and always notified."""
         with self.lock:
             if job.closed:
                 return
             now = time.monotonic()
-            phase_changed = progress.phase != job.last_sent_phase
+            phase_changed = progress.phase != job.last_sent_phase or progress.checkpoint is not None
+            if progress.checkpoint is not None:
+                job.last_checkpoint = progress.checkpoint
+                job.step = max(job.step, progress.step)
+                self._record(job)
             if progress.step < job.last_sent_step:
                 return
             if job.phase != progress.phase and job.phase in FINAL_PHASES:

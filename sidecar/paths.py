@@ -5,6 +5,7 @@
 - ``LORA_SIDECAR_ENV``   the isolated Python environment, default ``<data>/python``
 - ``LORA_SIDECAR_MODEL_CACHE``  converted models, default ``<env>/models``
 - adapters default to ``<data>/adapters/<name>-<timestamp>/``
+- the job journal and each job's params and checkpoints live in ``<data>/jobs/`` (sidecar/journal.py)
 """
 
 from __future__ import annotations
@@ -34,3 +35,22 @@ def model_cache_dir() -> Path:
 
 def adapters_dir() -> Path:
     return data_dir() / "adapters"
+
+
+def jobs_dir() -> Path:
+    return data_dir() / "jobs"
+
+
+def job_key(job_id: str) -> str:
+    """File-name-safe key of a job id: the id itself when it is safe, else a slug plus a short hash."""
+    import hashlib
+
+    from .files import safe_name
+
+    slug = safe_name(job_id)
+    return slug if slug == job_id else f"{slug}-{hashlib.sha256(job_id.encode()).hexdigest()[:10]}"
+
+
+def job_dir(job_id: str) -> Path:
+    """``<data>/jobs/<key>/``: the job's params.json and its checkpoints (its journal entry is ``<key>.json``)."""
+    return jobs_dir() / job_key(job_id)

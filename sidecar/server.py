@@ -212,8 +212,9 @@ def path_error(exc: BaseException, params: Any) -> errors.PathError | None:
 
 class Server:
     def __init__(self, reader: FrameReader, writer: MessageWriter, worker_thread: bool = True,
-                 claims: Any = None) -> None:
+                 claims: Any = None, journal: Any = None) -> None:
         self.reader = reader
+        self.journal = journal  # sidecar.journal.Journal: train jobs on disk, for status after a restart
         self.writer = writer
         self.claims = claims  # housekeeping.Claims, or None (no crash clean-up)
         self._models = None
@@ -229,7 +230,8 @@ class Server:
                  "adapters/load": "_run_adapters_load", "adapters/unload": "_run_adapters_unload",
                  "adapters/compose": "_run_adapters_compose"}
         self.jobs = JobQueue({kind: self._job_runner(name) for kind, name in kinds.items()},
-                             notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread)
+                             notify=self._notify, max_queue=MAX_QUEUE, own_thread=worker_thread,
+                             journal=journal)
         self.methods = {
             "supports": _handler(self.supports),
             "train": _handler(self.train),
@@ -385,7 +387,9 @@ class Server:
     def train(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.TrainParams)
         from .data import check_sources
+        from .training.resume import prepare_request
 
+        p = prepare_request(params, p)  # resumeFrom / initFrom: the job's stored params, checked
         check_sources(p)
         job = self.jobs.submit("train", p, job_id=p.job_id, base_model=p.base_model, received_at=ctx.received_at,
                                request_id=ctx.request_id, framing=ctx.framing,
@@ -418,10 +422,7 @@ class Server:
             raise errors.InvalidParams("Give exactly one of adapterPath and id", field="$.adapterPath")
         if p.id is not None:
             p = msgspec.structs.replace(p, adapter_path=self._adapter_dir_for_id(p.id))
-        job = self.jobs.submit("export", p, job_id=None, base_model=p.base_model or p.adapter_path,
-                               received_at=ctx.received_at, request_id=ctx.request_id, framing=ctx.framing)
-        ctx.accepted.set()
-        return wire.to_builtins(job.future.result())
+        return self._queued(ctx, "export", p, p.base_model or p.adapter_path)
 
     def _adapter_dir_for_id(self, adapter_id: str) -> str:
         """The directory a resident adapter was loaded from, provided its weights there are still
@@ -462,7 +463,10 @@ class Server:
 
     def cancel(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelParams)
-        return wire.to_builtins(wire.CancelResult(job_id=p.job_id, state=self.jobs.cancel(p.job_id)))
+        state = self.jobs.cancel(p.job_id)
+        if state == "unknown" and self.journal is not None:  # a job of an earlier process
+            state = self.journal.cancel(p.job_id) or state
+        return wire.to_builtins(wire.CancelResult(job_id=p.job_id, state=state))
 
     def cancel_request(self, ctx: RequestContext, params: Any) -> Any:
         p = wire.decode_params(params, wire.CancelRequestParams)
@@ -472,9 +476,12 @@ class Server:
     def status(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.StatusParams)
         running, queued, recent = self.jobs.status()
+        infos = [j.info() for j in recent]
+        if self.journal is not None:  # with the jobs of earlier processes, interrupted ones included
+            infos = self.journal.recent(infos)
         return wire.to_builtins(wire.StatusResult(
             running=running.info() if running else None, queued=[j.info() for j in queued],
-            recent=[j.info() for j in recent], loaded_models=self._loaded(), adapters=self.adapters.summary()))
+            recent=infos, loaded_models=self._loaded(), adapters=self.adapters.summary()))
 
     def shutdown(self, ctx: RequestContext, params: Any) -> Any:
         wire.decode_params(params, wire.ShutdownParams)
@@ -709,11 +716,14 @@ def serve_stdio() -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     _die_with_parent()
     from . import housekeeping
+    from .journal import Journal
 
     claims, _ = housekeeping.start()
+    journal = Journal()
+    journal.recover()  # jobs of a dead process become `interrupted`; old entries and temp dirs go
     writer = MessageWriter(out)
     # Jobs run on the main thread (see JobQueue); the protocol is read on a secondary one.
-    server = Server(FrameReader(sys.stdin.buffer), writer, worker_thread=False, claims=claims)
+    server = Server(FrameReader(sys.stdin.buffer), writer, worker_thread=False, claims=claims, journal=journal)
 
     def finish(code: int) -> None:
         try:

@@ -28,7 +28,8 @@ PositiveFloat = Annotated[float, Meta(gt=0)]
 Fraction = Annotated[float, Meta(ge=0, lt=1)]
 
 Phase = Literal[
-    "queued", "loading", "preparing", "training", "evaluating", "saving", "completed", "failed", "cancelled"
+    "queued", "loading", "preparing", "training", "evaluating", "saving", "completed", "failed", "cancelled",
+    "interrupted",
 ]
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -112,6 +113,19 @@ class Dataset(Wire, kw_only=True):
 # train
 # ---------------------------------------------------------------------------------------------
 
+class EarlyStopping(Wire, kw_only=True):
+    patience: PositiveInt
+    """Stop after this many evaluations in a row without improvement."""
+    min_delta: Annotated[float, Meta(ge=0)] = 0.0
+    """An evaluation improves when its validation loss is below the best by more than this."""
+
+
+class CheckpointRef(Wire, kw_only=True):
+    path: str
+    step: int
+    bytes: int
+
+
 class TrainParams(Wire, kw_only=True):
     """Parameters of ``train``: a superset of the TypeScript ``LoRATrainingRequest``.
 
@@ -172,6 +186,25 @@ class TrainParams(Wire, kw_only=True):
 
     load: bool = False
     """Also make the new adapter resident (as ``adapters/load`` would) and return its ``adapterId``."""
+    checkpoint_every: Optional[NonNegInt] = None
+    """Write a checkpoint every N optimizer steps (0: not by steps)."""
+    checkpoint_seconds: Optional[Annotated[float, Meta(ge=0)]] = None
+    """Write a checkpoint when this many seconds of training passed since the last one (0: not by
+    time). Neither field given: every 600 s (``LORA_SIDECAR_CHECKPOINT_SECONDS``), so a shorter job
+    writes none; both 0: never, not even on cancel."""
+    keep_checkpoints: Annotated[int, Meta(gt=0, le=1000)] = 2
+    """Checkpoints kept per job (the newest; early stopping also keeps the best)."""
+    resume_from: Optional[PathText] = None
+    """A job id (its newest checkpoint, found through the journal) or a checkpoint directory: continue
+    that job exactly. Omitted params are the job's own; ones that would change the result are refused."""
+    init_from: Optional[PathText] = None
+    """An adapter directory to start from (same base model; its rank, alpha and targets are used),
+    with a fresh optimizer."""
+    early_stopping: Optional[EarlyStopping] = None
+    """Needs validation data: stop when the validation loss has not improved for ``patience``
+    evaluations, and write the best adapter seen."""
+    eval_every: Optional[PositiveInt] = None
+    """Also evaluate every N optimizer steps (default: at epoch ends, at most about 10 times, and at the end)."""
 
 
 class TrainMetrics(Wire, kw_only=True):
@@ -194,6 +227,13 @@ class TrainMetrics(Wire, kw_only=True):
     load_time_ms: int
     model_cached: bool
     peak_memory_mb: float
+    resumed_from_step: Optional[int] = None
+    """Set when the job continued from a checkpoint. Losses, steps, examples, ``tokensPerSecond`` and
+    ``trainingTime`` cover the whole run; ``timeToFirstStepMs``, ``loadTimeMs``, ``modelCached`` and
+    ``peakMemoryMb`` describe the resumed process."""
+    best_step: Optional[int] = None
+    """With early stopping: the step whose adapter was written (its validation loss is ``validationLoss``)."""
+    stopped_early: bool = False
 
 
 class TrainResult(Wire, kw_only=True):
@@ -222,6 +262,8 @@ class Progress(Wire, kw_only=True):
     eta_seconds: Optional[float] = None
     validation_loss: Optional[float] = None
     message: Optional[str] = None
+    checkpoint: Optional[CheckpointRef] = None
+    """Set on the notification sent when a checkpoint has been written."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +274,14 @@ class CancelParams(Wire, kw_only=True):
     job_id: JobId
 
 
-JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+JobState = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
+"""``interrupted``: stopped by the process ending (crash, kill, shutdown, signal), not by ``cancel``;
+resumable with ``train {resumeFrom: jobId}``."""
 
 
 class CancelResult(Wire, kw_only=True):
     job_id: str
-    state: Literal["cancelling", "cancelled", "completed", "failed", "unknown"]
+    state: Literal["cancelling", "cancelled", "completed", "failed", "interrupted", "unknown"]
     """``cancelling``: running, stops within one step; ``cancelled``: was queued (dropped) or already
     cancelled; ``completed``/``failed``: had already finished; ``unknown``: no such job."""
 
@@ -255,6 +299,7 @@ class JobInfo(Wire, kw_only=True):
     finished_at: Optional[float] = None
     error: Optional[str] = None
     adapter_path: Optional[str] = None
+    last_checkpoint: Optional[CheckpointRef] = None
 
 
 class StatusParams(Wire, kw_only=True):

@@ -31,6 +31,7 @@ import type {
   ExportResult,
   GenerateParams,
   GenerateResult,
+  JobInfo,
   Methods,
   Progress,
   ShutdownResult,
@@ -283,6 +284,24 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
       progress: queue,
       cancel: () => this.cancel(jobId),
     };
+  }
+
+  /**
+   * After (re)starting the sidecar: resume every train job its journal lists as `interrupted` (the
+   * process before it died, was killed or was shut down while the job ran). Each job continues from its
+   * last checkpoint with its own stored params — or runs again from step 0 if it had none — under its
+   * own id, so the result equals the uninterrupted job's. Returns the started jobs; `filter` picks which.
+   * A job cancelled by `cancel` is not interrupted and is not resumed (resume it explicitly with
+   * `train({resumeFrom: jobId})`).
+   */
+  async resumeInterrupted(
+    options: TrainOptions & { filter?: (job: JobInfo) => boolean } = {},
+  ): Promise<TrainJob[]> {
+    const { filter, ...trainOptions } = options;
+    const status = await this.status({ timeoutMs: trainOptions.timeoutMs, signal: trainOptions.signal });
+    return status.recent
+      .filter((job) => job.kind === "train" && job.state === "interrupted" && (filter?.(job) ?? true))
+      .map((job) => this.startTrain({ resumeFrom: job.jobId, jobId: job.jobId }, trainOptions));
   }
 
   /** A typed request by method name. */

@@ -37,6 +37,10 @@ export const ErrorCodes = {
   AdapterUnsupported: -32024,
   AdapterInvalid: -32025,
   ComposeInvalid: -32026,
+  CheckpointNotFound: -32035,
+  ResumeMismatch: -32036,
+  CheckpointInvalid: -32037,
+  AdapterMismatch: -32038,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

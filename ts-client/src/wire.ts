@@ -198,7 +198,15 @@ export interface CancelRequestParams {
 
 export interface CancelResult {
   jobId: string;
-  state: "cancelled" | "cancelling" | "completed" | "failed" | "unknown";
+  state: "cancelled" | "cancelling" | "completed" | "failed" | "interrupted" | "unknown";
+}
+
+export interface CheckpointRef {
+  path: string;
+  /** Constraints: an integer. */
+  step: number;
+  /** Constraints: an integer. */
+  bytes: number;
 }
 
 export interface ComposeParent {
@@ -248,6 +256,16 @@ export interface DeviceInfo {
   memoryBytes: number | null;
   /** @default false */
   bf16: boolean;
+}
+
+export interface EarlyStopping {
+  /** Constraints: an integer, > 0. */
+  patience: number;
+  /**
+   * Constraints: >= 0.
+   * @default 0
+   */
+  minDelta?: number;
 }
 
 export interface ErrorObject {
@@ -392,8 +410,8 @@ export interface JobInfo {
   jobId: string;
   /** @default "train" */
   kind: "adapters/compose" | "adapters/load" | "adapters/unload" | "export" | "generate" | "train";
-  state: "cancelled" | "completed" | "failed" | "queued" | "running";
-  phase: "cancelled" | "completed" | "evaluating" | "failed" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
+  state: "cancelled" | "completed" | "failed" | "interrupted" | "queued" | "running";
+  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
   /**
    * Constraints: an integer.
@@ -410,6 +428,7 @@ export interface JobInfo {
   finishedAt: number | null;
   error: string | null;
   adapterPath: string | null;
+  lastCheckpoint: CheckpointRef | null;
 }
 
 export interface Limits {
@@ -446,7 +465,7 @@ export interface ModelCheck {
 /** Params of the `progress` notification. */
 export interface Progress {
   jobId: string;
-  phase: "cancelled" | "completed" | "evaluating" | "failed" | "loading" | "preparing" | "queued" | "saving" | "training";
+  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "preparing" | "queued" | "saving" | "training";
   /**
    * Constraints: an integer.
    * @default 0
@@ -467,6 +486,7 @@ export interface Progress {
   etaSeconds: number | null;
   validationLoss: number | null;
   message: string | null;
+  checkpoint: CheckpointRef | null;
 }
 
 /** One conversation of an exam; `id` is echoed in its answers. */
@@ -558,6 +578,12 @@ export interface TrainMetrics {
   loadTimeMs: number;
   modelCached: boolean;
   peakMemoryMb: number;
+  /** Constraints: an integer. */
+  resumedFromStep: number | null;
+  /** Constraints: an integer. */
+  bestStep: number | null;
+  /** @default false */
+  stoppedEarly: boolean;
 }
 
 /**
@@ -687,6 +713,22 @@ export interface TrainParams {
   progressInterval?: number;
   /** @default false */
   load?: boolean;
+  /** Constraints: an integer, >= 0. */
+  checkpointEvery?: number | null;
+  /** Constraints: >= 0. */
+  checkpointSeconds?: number | null;
+  /**
+   * Constraints: an integer, > 0, <= 1000.
+   * @default 2
+   */
+  keepCheckpoints?: number;
+  /** Constraints: length >= 1, length <= 4096. */
+  resumeFrom?: string | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  initFrom?: string | null;
+  earlyStopping?: EarlyStopping | null;
+  /** Constraints: an integer, > 0. */
+  evalEvery?: number | null;
 }
 
 export interface TrainResult {
