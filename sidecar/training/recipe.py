@@ -35,8 +35,9 @@ from .. import __version__, data, errors, library_versions, paths, wire
 from ..adapters.surgery import attach_lora, detach_lora, snapshot
 from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
 from ..models import apply_thread_setting
-from .loss import evaluate, loss_sum, split_by_tokens, supports_selective_logits
+from .loss import evaluate, supports_selective_logits
 from .schedule import lr_multiplier
+from .world import SINGLE_PROCESS, World
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class _Progress:
 
 
 def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callable[[wire.Progress], None],
-          should_stop: Callable[[], bool], received_at: float) -> wire.TrainResult:
+          should_stop: Callable[[], bool], received_at: float,
+          world: World = SINGLE_PROCESS) -> Optional[wire.TrainResult]:
     """Train a LoRA adapter on the cached base model and write it atomically (see the module doc).
 
     ``report`` may be called often (every micro-step); the caller throttles. ``should_stop`` is
@@ -116,6 +118,9 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     (``data: {jobId, stepsCompleted}``) after removing the LoRA layers and any temporary output.
     Raises DatasetInvalid, InvalidParams, ModelNotFound, ModelLoadFailed, OutOfMemory,
     TrainingFailed, OutputExists. In every outcome the cached base model is left as it was.
+
+    ``world``: a rank of a worker group (training/world.py) runs the same loop on its share of each
+    step; only the main rank writes the adapter and returns the result (the others return None).
     """
     import torch
 
@@ -156,7 +161,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                             f"than maxSeqLength {params.max_seq_length} and were truncated.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lengths = [len(t.input_ids) for t in train_items]
-    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    global_batch = world.global_batch(params.batch_size)
+    micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / params.gradient_accumulation)
     # maxSteps, when given, is the number of optimizer steps (Hugging Face semantics: it overrides
     # epochs, repeating the data as often as needed); otherwise epochs decide.
@@ -185,7 +191,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 lm.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        selective = supports_selective_logits(lm)
+        selective = supports_selective_logits(lm) and world.selective_logits
         fused_lora = 0
         if os.environ.get(PEFT_LORA_ENV, "").strip() in ("", "0"):
             from . import fastlora
@@ -194,6 +200,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         micro_tokens = params.micro_batch_tokens
         if micro_tokens is None:
             micro_tokens = CPU_MICRO_BATCH_TOKENS if device == "cpu" else 0
+        forward = world.wrap(lm, selective)  # before collecting parameters: FSDP replaces them
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,
                                       fused=device.startswith("cuda") or None)
@@ -208,7 +215,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         first_step_at: Optional[float] = None
         train_started = time.monotonic()
         for epoch in range(n_epochs):
-            batches = data.epoch_batches(lengths, params.batch_size, seed=params.seed, epoch=epoch,
+            batches = data.epoch_batches(lengths, global_batch, seed=params.seed, epoch=epoch,
                                          group_by_length=params.group_by_length)
             for g in range(0, len(batches), params.gradient_accumulation):
                 if prog.step >= total_steps:
@@ -222,18 +229,21 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 # Normalise by every label in the optimizer step, not per micro-batch: a short
                 # micro-batch must not weigh as much as a long one.
                 step_labels = sum(train_items[i].trainable for b in group for i in b)
-                step_loss, step_tokens = 0.0, 0
-                for batch_indices in group:
-                    for indices in split_by_tokens(batch_indices, lengths, micro_tokens):
-                        if should_stop():
-                            cancelled()
-                        batch = data.collate(train_items, indices, pad_id, device)
-                        loss = loss_sum(lm, batch, selective=selective)
-                        (loss / step_labels).backward()
+                step_loss, step_tokens, step_examples = 0.0, 0, 0
+                for part in world.micro_batches(group, lengths, micro_tokens):  # this rank's rows
+                    if should_stop():
+                        cancelled()
+                    batch = data.collate(train_items, part.indices, pad_id, device)
+                    with world.sync_gradients(part):
+                        loss = forward(batch)
+                        (loss * part.scale / step_labels).backward()
+                    if part.scale:
                         step_loss += loss.item()
                         step_tokens += batch.tokens
-                        examples_seen += batch.examples
-                    micro_done += 1
+                        step_examples += batch.examples
+                micro_done += len(group)
+                step_loss, step_tokens, step_examples = world.sum(step_loss, step_tokens, step_examples)
+                step_tokens, examples_seen = int(step_tokens), examples_seen + int(step_examples)
                 if params.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
                 optimizer.step()
@@ -278,11 +288,14 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         # -- saving -------------------------------------------------------------------------------
         prog.send("saving")
         peft_model.eval()
+        adapter_state = world.adapter_state(peft_model)  # FSDP: gathered by every rank
+        if not world.is_main:
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{safe_name(job_id)}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
         tokenizer.save_pretrained(str(tmp))
         adapter_file = tmp / ADAPTER_FILE
         if not adapter_file.is_file():
@@ -310,7 +323,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
             train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
             adapter_file=adapter_file, selective=selective, target=target, fused_lora=fused_lora,
-            micro_tokens=micro_tokens,
+            micro_tokens=micro_tokens, world=world,
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
         _check_target_free(target)
@@ -346,7 +359,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
               warnings: list[str], adapter_file: Path, selective: bool, target: Path,
-              fused_lora: int, micro_tokens: int) -> dict[str, Any]:
+              fused_lora: int, micro_tokens: int, world: World) -> dict[str, Any]:
     from .. import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
@@ -381,7 +394,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "validationHistory": prog.validation_history,
         "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
                    "fusedLoraLayers": fused_lora, "microBatchTokens": micro_tokens,
-                   "gradientCheckpointing": params.gradient_checkpointing},
+                   "gradientCheckpointing": params.gradient_checkpointing, "distributed": world.describe()},
         "warnings": warnings,
         "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(adapter_file),
                     "bytes": adapter_file.stat().st_size},
