@@ -98,8 +98,20 @@ class DuplicateJob(SidecarError):
     CODE, MESSAGE = -32020, "A job with this id is already queued or running"
 
 
+class WorkerDied(SidecarError):
+    """A process of a distributed job's worker group died (``data: {rank, pid, exitStatus, stderrTail}``)."""
+
+    CODE, MESSAGE = -32045, "A distributed worker died"
+
+
+class WorkerStartFailed(SidecarError):
+    """The worker group of a distributed job did not start (``data: {rank?, stderrTail}``)."""
+
+    CODE, MESSAGE = -32046, "The distributed worker group did not start"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
-    Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob,
+    Unsupported, TrainingFailed, AdapterNotFound, OutputExists, DuplicateJob, WorkerDied, WorkerStartFailed,
 ]

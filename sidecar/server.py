@@ -65,6 +65,7 @@ class Server:
         self.reader = reader
         self.writer = writer
         self._models = None
+        self._supervisor = None
         self.shutdown_requested = False
         self.exit_requested = False
         self._stopping = threading.Lock()
@@ -92,10 +93,22 @@ class Server:
         return self._models
 
     def _run_train(self, job: Job, report, should_stop) -> wire.TrainResult:
+        if job.params.distributed is not None:
+            return self.supervisor.train(job.params, job_id=job.job_id, report=report, should_stop=should_stop,
+                                         received_at=job.received_at)
         from .training import train
 
         return train(job.params, job_id=job.job_id, models=self.models, report=report,
                             should_stop=should_stop, received_at=job.received_at)
+
+    @property
+    def supervisor(self):
+        """Distributed jobs' worker groups (training/distributed.py; imports no torch)."""
+        if self._supervisor is None:
+            from .training.distributed import Supervisor
+
+            self._supervisor = Supervisor()
+        return self._supervisor
 
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
         from .generate import generate
@@ -262,6 +275,8 @@ class Server:
         """Cancel jobs (a running one stops within a step), release models, flush; return the exit code."""
         with self._stopping:
             self.jobs.stop(STOP_TIMEOUT)
+            if self._supervisor is not None:
+                self._supervisor.close()
             # Let handler threads write the responses of the jobs that just ended.
             time.sleep(0.05)
         return code

@@ -156,16 +156,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
     parser.add_argument("--backend", default=None, help="torch.distributed backend (default: nccl on cuda, gloo on cpu)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--parent", type=int, default=None, help="exit when this process (the launcher) ends")
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=os.environ.get("LORA_SIDECAR_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from .distributed import die_with_parent
+    from .distributed import LAUNCHER_PID_ENV, die_with_parent
 
-    die_with_parent(args.parent)
+    launcher = os.environ.get(LAUNCHER_PID_ENV)
+    die_with_parent(int(launcher) if launcher else None)  # started by the sidecar: never outlive its launcher
 
     channel = None
     if args.connect:
@@ -196,7 +196,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         return run_once(args.job, args.result, world, models)
     finally:
         dist.destroy_process_group()
+        log.info("rank %d: leaving the process group", rank)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(code)  # skip the interpreter's slow teardown of torch: nothing is left to write
