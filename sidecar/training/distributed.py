@@ -153,7 +153,6 @@ class WorkerGroup:
         self._forwarder: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self.stopped = False
-        self.jobs_run = 0
         self.started_seconds = 0.0
 
     # --- start -------------------------------------------------------------------------------
@@ -277,10 +276,14 @@ class WorkerGroup:
             temp_output: Optional[Path]) -> wire.TrainResult:
         message = {"type": "job", "jobId": job_id, "receivedAt": received_at,
                    "params": msgspec.to_builtins(params)}
-        for r in self.ranks.values():
-            r.send(message)
-        self.jobs_run += 1
         answers = _Answers()
+        for r in self.ranks.values():
+            try:
+                r.send(message)
+            except OSError:
+                r.closed = True
+                answers.dead.append(r.rank)
+                answers.first_failure = time.monotonic()
         step = 0
         n = self.key.processes
         while True:
@@ -436,7 +439,7 @@ class Supervisor:
         if params.device == "mps":
             raise errors.Unsupported("Distributed training runs on cpu or cuda, not mps", field="device")
         if spec.backend == "nccl" and params.device == "cpu":
-            raise errors.InvalidParams("The nccl backend needs device cuda", field="distributed.backend")
+            raise errors.InvalidParams("The nccl backend needs device cuda", field="$.distributed.backend")
         # Fail fast, before any process starts: dataset structure, the model's name, the output.
         data.load_train_and_validation(params)
         models.resolve_model(params.base_model, convert=False)  # the ranks convert (under a file lock)
@@ -445,7 +448,7 @@ class Supervisor:
         temp_output = target.with_name(f"{target.name}.tmp-{safe_name(job_id)}")  # the recipe's temporary name
 
         key = GroupKey(processes=spec.processes, strategy=spec.strategy, backend=spec.backend,
-                       device=params.device if params.device != "auto" else "auto",
+                       device=params.device,
                        threads=worker_threads(spec.processes))
         with self._lock:
             group = self.group
@@ -465,7 +468,8 @@ class Supervisor:
                 self._forget(group)
                 raise
         else:
-            log.info("job %s on the warm worker group (pids %s)", job_id, json.dumps(group.pids()))
+            log.info("job %s on the warm worker group: launcher pid %d, worker pids %s", job_id, group.proc.pid,
+                     json.dumps(group.pids()))
         try:
             return group.run(params, job_id=job_id, received_at=received_at, report=report,
                              should_stop=should_stop, temp_output=temp_output)
@@ -485,12 +489,6 @@ class Supervisor:
             group, self.group = self.group, None
         if group is not None:
             group.close()
-
-    def kill(self) -> None:
-        """Stop any group now, without asking (a signal or an exit in progress)."""
-        group = self.group
-        if group is not None:
-            group.kill()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -164,8 +164,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("TQDM_DISABLE", "1")
     from .distributed import LAUNCHER_PID_ENV, die_with_parent
 
+    # Never outlive the launcher (torchrun's agent, which the sidecar may have started).
     launcher = os.environ.get(LAUNCHER_PID_ENV)
-    die_with_parent(int(launcher) if launcher else None)  # started by the sidecar: never outlive its launcher
+    die_with_parent(int(launcher) if launcher else os.getppid())
 
     channel = None
     if args.connect:

@@ -49,19 +49,26 @@ class World:
     strategy: Optional[str] = None
     selective_logits = True
     """False where the loss must go through the model's own forward (FSDP unshards there)."""
+    lockstep = False
+    """Every rank must run as many micro-batches in a step (FSDP gathers parameters in each forward)."""
 
     def global_batch(self, batch_size: int) -> int:
         return batch_size * self.size
 
     def micro_batches(self, group: list[list[int]], lengths: list[int], budget: int) -> list[Part]:
-        parts = [Part(ix, self.size, False) for batch in group if (mine := batch[self.rank::self.size])
-                 for ix in split_by_tokens(mine, lengths, budget)]
-        if not parts:
-            # A short last step can have fewer rows than ranks. This rank still takes part in the
-            # gradient reduction, with one row whose loss counts zero.
-            parts = [Part([group[0][0]], 0.0, False)]
+        parts = self._share(self.rank, group, lengths, budget)
+        # A rank may have fewer micro-batches than another (a short last step can even leave it no
+        # row at all); it still takes part in the step's collectives by running the step's first
+        # row with weight 0: its loss counts nothing and its gradient is exactly zero.
+        most = max(len(self._share(r, group, lengths, budget)) for r in range(self.size)) if self.lockstep else 1
+        parts += [Part([group[0][0]], 0.0, False)] * (most - len(parts))
         parts[-1] = Part(parts[-1].indices, parts[-1].scale, True)
         return parts
+
+    def _share(self, rank: int, group: list[list[int]], lengths: list[int], budget: int) -> list[Part]:
+        """``rank``'s rows of each batch of the step (rows rank, rank + size, …), split to ``budget``."""
+        return [Part(ix, self.size, False) for batch in group if (mine := batch[rank::self.size])
+                for ix in split_by_tokens(mine, lengths, budget)]
 
     def wrap(self, lm: Any, selective: bool) -> Callable[[Any], Any]:
         return functools.partial(loss_sum, lm, selective=selective)
@@ -120,6 +127,7 @@ class DistributedWorld(World):
         self.strategy = strategy
         self.device = device
         self.selective_logits = strategy != "fsdp"
+        self.lockstep = strategy == "fsdp"
         self._ddp: Any = None
         self._fsdp: Any = None
 
