@@ -73,8 +73,9 @@ def sidecar():
     proc = Sidecar(env={"LORA_SIDECAR_THREADS": "1"})
     yield proc
     assert proc.close() == 0
-    launcher, workers = group_pids(proc)
-    assert not any(running(p) for p in [launcher, *workers]), "processes left after shutdown"
+    started = re.findall(r"launcher pid (\d+), worker pids (\{.*?\})", proc.stderr())
+    pids = [int(p) for launcher, workers in started for p in [launcher, *json.loads(workers).values()]]
+    assert not [p for p in pids if running(p)], "processes left after shutdown"
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +193,16 @@ class TestDistributedJobs:
         error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", device="cpu",
                                                          distributed={"processes": 2, "backend": "nccl"}))["error"]
         assert error["code"] == -32602 and error["data"]["field"] == "$.distributed.backend", error
+
+    @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="nccl starts where CUDA is present")
+    def test_a_group_that_cannot_start_fails_the_job_with_the_rank_error(self, sidecar, tiny_model_dir, tmp_path):
+        # nccl needs CUDA: this machine has none, so init_process_group fails in every rank.
+        error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", distributed={
+            "processes": 2, "backend": "nccl"}), timeout=120)["error"]
+        assert error["code"] == -32046, error
+        assert "NCCL" in error["message"] and "failed to start" in error["message"]
+        assert error["data"]["stderrTail"] and not list(tmp_path.iterdir())
+        assert sidecar.call("status")["result"]["running"] is None
 
 
 def test_fsdp_under_plain_torchrun_gives_the_single_process_adapter(tiny_model_dir, tmp_path,

@@ -51,11 +51,11 @@ class Channel:
         return json.loads(line) if line else None
 
 
-def error_message(exc: BaseException) -> dict[str, Any]:
+def error_message(exc: BaseException, prefix: str = "Training failed: ") -> dict[str, Any]:
     if isinstance(exc, errors.SidecarError):
         return {"type": "error", "code": exc.CODE, "message": exc.message, "data": exc.data}
     return {"type": "error", "code": errors.TrainingFailed.CODE,
-            "message": f"Training failed: {type(exc).__name__}: {exc}", "data": {}}
+            "message": f"{prefix}{type(exc).__name__}: {exc}", "data": {}}
 
 
 def _device(requested: str) -> tuple[str, str]:
@@ -126,18 +126,42 @@ def serve(channel: Channel, world: Any, models: Any) -> int:
     return 0  # the supervisor went away
 
 
-def run_once(path: str, result_path: Optional[str], world: Any, models: Any) -> int:
-    params = msgspec.json.decode(open(path, "rb").read(), type=wire.TrainParams)
+def _log_progress(progress: wire.Progress) -> None:
+    log.info("progress %s", msgspec.json.encode(progress).decode())
+
+
+def train_in_process_group(params: Any, *, strategy: str = "ddp", device: Optional[str] = None,
+                           report: Callable[[wire.Progress], None] = _log_progress,
+                           models: Any = None) -> Optional[wire.TrainResult]:
+    """Run one job as this rank of an already initialised process group: torchrun's ranks, or Ray
+    Train's ``TorchTrainer`` workers (``train_loop_per_worker``; docs/SCALING.md).
+
+    ``params``: TrainParams or its JSON object; ``device``: this rank's device (``cuda:N`` or
+    ``cpu``; default from ``params.device`` and ``LOCAL_RANK``). Rank 0 writes the adapter and
+    returns the result; other ranks return None. Raises the recipe's errors.
+    """
+    from ..models import ModelCache
+    from .world import DistributedWorld
+
+    if not isinstance(params, wire.TrainParams):
+        params = msgspec.convert(params, wire.TrainParams)
+    if device is None:
+        device, _ = _device(params.device)
+    elif device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
     job_id = params.job_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    return run_job(params, job_id=job_id, received_at=time.time(), world=DistributedWorld(strategy, device=device),
+                   models=models or ModelCache(), report=report)
 
-    def report(progress: wire.Progress) -> None:
-        log.info("progress %s", msgspec.json.encode(progress).decode())
 
+def run_once(path: str, result_path: Optional[str], strategy: str, device: str) -> int:
+    params = msgspec.json.decode(open(path, "rb").read(), type=wire.TrainParams)
     try:
-        result = run_job(params, job_id=job_id, received_at=time.time(), world=world, models=models,
-                         report=report)
+        result = train_in_process_group(params, strategy=strategy, device=device)
     except Exception as exc:  # noqa: BLE001
-        log.error("rank %d: %s", world.rank, json.dumps(error_message(exc)))
+        log.error("rank %s: %s", os.environ.get("RANK", 0), json.dumps(error_message(exc)))
         return 1
     if result is not None and result_path:
         from ..files import atomic_write_bytes
@@ -178,27 +202,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         import torch.distributed as dist
 
+        device, backend = _device(args.device)
+        dist.init_process_group(args.backend or backend)
+    except BaseException as exc:
+        if channel is not None:
+            channel.send(error_message(exc, prefix=""))
+        raise
+    try:
+        if channel is None:
+            return run_once(args.job, args.result, args.strategy, device)
         from ..models import ModelCache
         from .world import DistributedWorld
 
-        device, backend = _device(args.device)
-        dist.init_process_group(args.backend or backend)
-        world = DistributedWorld(args.strategy, device=device)
-        models = ModelCache()
-    except BaseException as exc:
-        if channel is not None:
-            channel.send(error_message(exc))
-        raise
-    if channel is not None:
+        world, models = DistributedWorld(args.strategy, device=device), ModelCache()
         channel.send({"type": "ready", "rank": rank})
-    try:
-        if channel is not None:
-            return serve(channel, world, models)
-        return run_once(args.job, args.result, world, models)
+        return serve(channel, world, models)
     finally:
         dist.destroy_process_group()
         log.info("rank %d: leaving the process group", rank)
-
 
 if __name__ == "__main__":
     code = main()
