@@ -169,8 +169,9 @@ class WorkerGroup:
     def start(self, job_id: str, report: Callable[[wire.Progress], None], should_stop: Callable[[], bool]) -> None:
         """Launch the group and wait until every rank has joined the process group."""
         t0 = time.monotonic()
-        env = {**os.environ, "LORA_SIDECAR_THREADS": str(self.key.threads),
-               "OMP_NUM_THREADS": str(self.key.threads), "LORA_SIDECAR_MAX_MODELS": "1"}
+        threads = str(self.key.threads)
+        env = {**os.environ, "LORA_SIDECAR_THREADS": threads, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               "OPENBLAS_NUM_THREADS": threads, "LORA_SIDECAR_MAX_MODELS": "1"}
         log.info("starting a worker group: %d × %s (%s, %d thread(s) each)", self.key.processes,
                  self.key.strategy, self.key.device, self.key.threads)
         self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
