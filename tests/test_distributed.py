@@ -193,6 +193,10 @@ class TestDistributedJobs:
         error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", device="cpu",
                                                          distributed={"processes": 2, "backend": "nccl"}))["error"]
         assert error["code"] == -32602 and error["data"]["field"] == "$.distributed.backend", error
+        error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", quantize=True,
+                                                         distributed={"processes": 2, "strategy": "fsdp"}))["error"]
+        assert error["code"] == -32016 and error["data"]["field"] == "$.distributed.strategy", error
+        assert not list(tmp_path.iterdir())
 
     @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="nccl starts where CUDA is present")
     def test_a_group_that_cannot_start_fails_the_job_with_the_rank_error(self, sidecar, tiny_model_dir, tmp_path):

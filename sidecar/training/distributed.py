@@ -82,6 +82,17 @@ def worker_threads(processes: int) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
+def check_params(params: wire.TrainParams, strategy: str) -> None:
+    """What a distributed job cannot do, refused before any process starts."""
+    if params.device == "mps":
+        raise errors.Unsupported("Distributed training runs on cpu or cuda, not mps", field="$.device")
+    if strategy == "fsdp" and params.quantize:
+        # PEFT's FSDP + QLoRA recipe needs the 4-bit weights packed in a float storage type
+        # (bnb_4bit_quant_storage) at load; the model loader does not do that (docs/SCALING.md).
+        raise errors.Unsupported("strategy fsdp with quantize is not supported; use strategy ddp with quantize, "
+                                 "or fsdp without it", field="$.distributed.strategy")
+
+
 @dataclass(frozen=True)
 class GroupKey:
     """What a worker group is started with; a job with another key needs another group."""
@@ -437,8 +448,7 @@ class Supervisor:
 
         spec = params.distributed
         assert spec is not None
-        if params.device == "mps":
-            raise errors.Unsupported("Distributed training runs on cpu or cuda, not mps", field="device")
+        check_params(params, spec.strategy)
         if spec.backend == "nccl" and params.device == "cpu":
             raise errors.InvalidParams("The nccl backend needs device cuda", field="$.distributed.backend")
         # Fail fast, before any process starts: dataset structure, the model's name, the output.

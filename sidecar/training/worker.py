@@ -70,7 +70,7 @@ def _device(requested: str) -> tuple[str, str]:
         torch.cuda.set_device(local)
         return f"cuda:{local}", "nccl"
     if device != "cpu":
-        raise errors.Unsupported(f"Distributed training runs on cpu or cuda, not {device}", field="device")
+        raise errors.Unsupported(f"Distributed training runs on cpu or cuda, not {device}", field="$.device")
     return "cpu", "gloo"
 
 
@@ -143,8 +143,11 @@ def train_in_process_group(params: Any, *, strategy: str = "ddp", device: Option
     from ..models import ModelCache
     from .world import DistributedWorld
 
+    from .distributed import check_params
+
     if not isinstance(params, wire.TrainParams):
         params = msgspec.convert(params, wire.TrainParams)
+    check_params(params, strategy)
     if device is None:
         device, _ = _device(params.device)
     elif device.startswith("cuda"):

@@ -28,6 +28,8 @@ export const ErrorCodes = {
   AdapterNotFound: -32018,
   OutputExists: -32019,
   DuplicateJob: -32020,
+  WorkerDied: -32045,
+  WorkerStartFailed: -32046,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

@@ -44,6 +44,21 @@ export interface DeviceInfo {
   bf16: boolean;
 }
 
+/**
+ * Train with several processes (one per GPU, or CPU processes) started by torch's elastic launcher.
+ *
+ * `batchSize` is per process: a micro-step takes `batchSize × processes` examples (the global
+ * batch), an optimizer step `batchSize × gradientAccumulation × processes`; each step's examples
+ * are those of a single-process job with `batchSize × processes` and are dealt out row by row.
+ */
+export interface Distributed {
+  /** Constraints: an integer, >= 1, <= 1024. */
+  processes: number;
+  /** @default "ddp" */
+  strategy?: "ddp" | "fsdp";
+  backend?: "gloo" | "nccl" | null;
+}
+
 export interface ErrorObject {
   /** Constraints: an integer. */
   code: number;
@@ -378,6 +393,7 @@ export interface TrainParams {
    * @default 0.25
    */
   progressInterval?: number;
+  distributed?: Distributed | null;
 }
 
 export interface TrainResult {
