@@ -55,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke test: 3 steps per job, shorter matmul probe, 1-step scaling runs")
     p.add_argument("--levers", action="store_true", help="also measure each engine lever")
     p.add_argument("--scaling", action="store_true", help="also measure tokens/s and memory vs length and rank")
+    p.add_argument("--distributed", action="store_true",
+                   help="also compare 2 worker processes × 1 thread with 1 process × 2 threads, and a warm "
+                        "worker group's second job with its first (bench/distributed.py)")
     p.add_argument("--threads", type=int, help="compute threads on every side (default: torch's default)")
     p.add_argument("--workdir", type=Path, help="where adapters and logs go (default: a temp dir, removed "
                    "after a successful run)")
@@ -278,6 +281,10 @@ def print_report(res: dict[str, Any], out=sys.stdout) -> None:
         for row in sc:
             w(f"  {row['sweep'] + ' sweep':12} length {row['length']:5}  rank {row['rank']:3}: {row['tokens_per_s']:8.1f} tokens/s, "
               f"peak RSS {row['peak_rss_mb']:6.0f} MiB\n")
+    if res.get("distributed"):
+        from . import distributed
+
+        distributed.print_table(res["distributed"], out)
     w(f"\nJSON: {res['out']}\n")
 
 
@@ -401,6 +408,13 @@ def main(argv: list[str] | None = None) -> int:
             res["scaling"] = scaling.run_scaling(settings, resolved.path, workdir / "scaling",
                                                  steps=1 if args.quick else 2, quick=args.quick,
                                                  timeout=args.timeout)
+            write_json(out, res)
+
+        if args.distributed:
+            from . import distributed
+
+            say("distributed: one sidecar, 1 process × 2 threads, then 2 processes × 1 thread twice")
+            res["distributed"] = distributed.run(settings, workdir / "distributed", timeout=args.timeout)
             write_json(out, res)
 
     except (Exception, KeyboardInterrupt) as exc:

@@ -171,6 +171,18 @@ class AdapterMismatch(SidecarError):
     CODE, MESSAGE = -32038, "The adapter does not fit this base model"
 
 
+class WorkerDied(SidecarError):
+    """A process of a distributed job's worker group died (``data: {rank, pid, exitStatus, stderrTail}``)."""
+
+    CODE, MESSAGE = -32045, "A distributed worker died"
+
+
+class WorkerStartFailed(SidecarError):
+    """The worker group of a distributed job did not start (``data: {rank?, stderrTail}``)."""
+
+    CODE, MESSAGE = -32046, "The distributed worker group did not start"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
@@ -178,4 +190,5 @@ ALL_ERRORS: list[type[SidecarError]] = [
     ExportRefused, ExportFailed,
     AdapterBaseMismatch, AdapterIdInUse, AdapterBudgetFull, AdapterUnsupported, AdapterInvalid, ComposeInvalid,
     CheckpointNotFound, ResumeMismatch, CheckpointInvalid, AdapterMismatch,
+    WorkerDied, WorkerStartFailed,
 ]

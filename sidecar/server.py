@@ -218,6 +218,7 @@ class Server:
         self.writer = writer
         self.claims = claims  # housekeeping.Claims, or None (no crash clean-up)
         self._models = None
+        self._supervisor = None
         self.shutdown_requested = False
         self.exit_requested = False
         self._stopping = threading.Lock()
@@ -260,13 +261,17 @@ class Server:
         return self._models
 
     def _run_train(self, job: Job, report, should_stop) -> wire.TrainResult:
-        from .training import train
+        if job.params.distributed is not None:
+            result = self.supervisor.train(job.params, job_id=job.job_id, report=report, should_stop=should_stop,
+                                           received_at=job.received_at)
+        else:
+            from .training import train
 
-        # Training never sees a resident adapter: their layers come off every base (they go back on
-        # at their next use), so the job trains on the bare base exactly as on a fresh sidecar.
-        self.stack.strip()
-        result = train(job.params, job_id=job.job_id, models=self.models, report=report,
-                       should_stop=should_stop, received_at=job.received_at)
+            # Training never sees a resident adapter: their layers come off every base (they go back on
+            # at their next use), so the job trains on the bare base exactly as on a fresh sidecar.
+            self.stack.strip()
+            result = train(job.params, job_id=job.job_id, models=self.models, report=report,
+                           should_stop=should_stop, received_at=job.received_at)
         if job.params.load:
             p = job.params
             try:
@@ -277,6 +282,15 @@ class Server:
                     f"The adapter was written but not made resident: {exc.message}"])
             return msgspec.structs.replace(result, adapter_id=outcome.resident.id)
         return result
+
+    @property
+    def supervisor(self):
+        """Distributed jobs' worker groups (training/distributed.py; imports no torch)."""
+        if self._supervisor is None:
+            from .training.distributed import Supervisor
+
+            self._supervisor = Supervisor()
+        return self._supervisor
 
     def _run_generate(self, job: Job, report, should_stop) -> wire.GenerateResult:
         from .generate import generate
@@ -654,6 +668,8 @@ class Server:
                     log.warning("job %s did not stop within %.1f s; exiting anyway",
                                 running.job_id if running else "?", timeout)
                     break
+            if self._supervisor is not None:  # the worker group goes with us, whatever happened
+                self._supervisor.close()
             # Let handler threads write the responses of the jobs that just ended.
             time.sleep(0.05)
         return code

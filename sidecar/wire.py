@@ -126,6 +126,22 @@ class CheckpointRef(Wire, kw_only=True):
     bytes: int
 
 
+class Distributed(Wire, kw_only=True):
+    """Train with several processes (one per GPU, or CPU processes) started by torch's elastic launcher.
+
+    ``batchSize`` is per process: a micro-step takes ``batchSize × processes`` examples (the global
+    batch), an optimizer step ``batchSize × gradientAccumulation × processes``; each step's examples
+    are those of a single-process job with ``batchSize × processes`` and are dealt out row by row.
+    """
+
+    processes: Annotated[int, Meta(ge=1, le=1024)]
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every process holds the whole model (DistributedDataParallel); ``fsdp``: the model is
+    sharded over the processes (FSDP2 ``fully_shard``), for models that do not fit one device."""
+    backend: Optional[Literal["gloo", "nccl"]] = None
+    """torch.distributed backend; default nccl on CUDA, gloo on CPU."""
+
+
 class TrainParams(Wire, kw_only=True):
     """Parameters of ``train``: a superset of the TypeScript ``LoRATrainingRequest``.
 
@@ -205,6 +221,8 @@ class TrainParams(Wire, kw_only=True):
     evaluations, and write the best adapter seen."""
     eval_every: Optional[PositiveInt] = None
     """Also evaluate every N optimizer steps (default: at epoch ends, at most about 10 times, and at the end)."""
+    distributed: Optional[Distributed] = None
+    """Run the job on a worker group of several processes (docs/SCALING.md); None: in the sidecar."""
 
 
 class TrainMetrics(Wire, kw_only=True):

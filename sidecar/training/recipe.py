@@ -44,8 +44,9 @@ from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
 from ..models import apply_thread_setting
 from . import checkpoint, resume
 from .early_stop import EarlyStopper
-from .loss import evaluate, loss_sum, split_by_tokens, supports_selective_logits
+from .loss import evaluate, supports_selective_logits
 from .schedule import lr_multiplier
+from .world import SINGLE_PROCESS, World
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,8 @@ class _Progress:
 
 
 def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callable[[wire.Progress], None],
-          should_stop: Callable[[], bool], received_at: float) -> wire.TrainResult:
+          should_stop: Callable[[], bool], received_at: float,
+          world: World = SINGLE_PROCESS) -> Optional[wire.TrainResult]:
     """Train a LoRA adapter on the cached base model and write it atomically (see the module doc).
 
     ``report`` may be called often (every micro-step); the caller throttles. ``should_stop`` is
@@ -158,13 +160,21 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     TrainingFailed, OutputExists, and for resumeFrom / initFrom CheckpointNotFound,
     CheckpointInvalid, ResumeMismatch, AdapterNotFound, AdapterMismatch. In every outcome the cached
     base model is left as it was.
+
+    ``world``: a rank of a worker group (training/world.py) runs the same loop on its share of each
+    step; only the main rank writes the adapter and returns the result (the others return None).
+    Distributed jobs write no checkpoints (the server refuses resumeFrom, initFrom and
+    earlyStopping with ``distributed``).
     """
     import torch
 
     started_wall, started = time.time(), time.monotonic()
     prog = _Progress(job_id, report, started)
     apply_thread_setting()
-    cadence = checkpoint.Cadence.of(params)
+    # Distributed jobs keep no checkpoints and no params for resuming (docs/SCALING.md); the server
+    # refuses resumeFrom, initFrom and earlyStopping for them.
+    durable = world.size == 1
+    cadence = checkpoint.Cadence.of(params) if durable else checkpoint.Cadence(0, 0.0, params.keep_checkpoints)
     job_dir = paths.job_dir(job_id)
     on_cancel: list[Callable[[], None]] = []  # the cancel checkpoint, once there is a training state
 
@@ -197,10 +207,11 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         resume.check_resume(resume_state, params, job_id=job_id, train_sha256=train_sha, validation_sha256=val_sha)
     target = resolve_output_dir(params, job_id, started_wall)
     job_warnings: list[str] = []
-    if resume_path is None or resume_path.parent.resolve() != job_dir.resolve():
+    if durable and (resume_path is None or resume_path.parent.resolve() != job_dir.resolve()):
         checkpoint.clear(job_dir)  # an earlier job's checkpoints under the same id are not this job's
     try:  # what `resumeFrom: <jobId>` continues with, even before the first checkpoint
-        checkpoint.save_params(job_dir, job_id, msgspec.structs.replace(params, output_path=str(target)))
+        if durable:
+            checkpoint.save_params(job_dir, job_id, msgspec.structs.replace(params, output_path=str(target)))
     except OSError as exc:
         job_warnings.append(f"The job's params could not be saved in {job_dir} ({exc}); it cannot be resumed.")
 
@@ -233,7 +244,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                             f"than maxSeqLength {params.max_seq_length} and were truncated.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lengths = [len(t.input_ids) for t in train_items]
-    micro_per_epoch = math.ceil(len(train_items) / params.batch_size)
+    global_batch = world.global_batch(params.batch_size)
+    micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / params.gradient_accumulation)
     # maxSteps, when given, is the number of optimizer steps (Hugging Face semantics: it overrides
     # epochs, repeating the data as often as needed); otherwise epochs decide.
@@ -264,7 +276,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 lm.activation_checkpointing_enable({"use_reentrant": False})
             else:
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        selective = supports_selective_logits(lm)
+        selective = supports_selective_logits(lm) and world.selective_logits
         fused_lora = 0
         if os.environ.get(PEFT_LORA_ENV, "").strip() in ("", "0"):
             from . import fastlora
@@ -273,6 +285,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         micro_tokens = params.micro_batch_tokens
         if micro_tokens is None:
             micro_tokens = CPU_MICRO_BATCH_TOKENS if device == "cpu" else 0
+        forward = world.wrap(lm, selective)  # before collecting parameters: FSDP replaces them
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,
                                       fused=device.startswith("cuda") or None)
@@ -343,7 +356,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         stopped_early = stopper is not None and stopper.should_stop
         finished = stopped_early or prog.step >= total_steps
         for epoch in range(start_epoch, n_epochs) if not finished else ():
-            batches = data.epoch_batches(lengths, params.batch_size, seed=params.seed, epoch=epoch,
+            batches = data.epoch_batches(lengths, global_batch, seed=params.seed, epoch=epoch,
                                          group_by_length=params.group_by_length)
             for g in range(start_group if epoch == start_epoch else 0, len(batches), params.gradient_accumulation):
                 if prog.step >= total_steps:
@@ -360,18 +373,22 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
                 # Normalise by every label in the optimizer step, not per micro-batch: a short
                 # micro-batch must not weigh as much as a long one.
                 step_labels = sum(train_items[i].trainable for b in group for i in b)
-                step_loss, step_tokens = 0.0, 0
-                for batch_indices in group:
-                    for indices in split_by_tokens(batch_indices, lengths, micro_tokens):
-                        if should_stop():
-                            cancelled()
-                        batch = data.collate(train_items, indices, pad_id, device)
-                        loss = loss_sum(lm, batch, selective=selective)
-                        (loss / step_labels).backward()
+                step_loss, step_tokens, step_examples = 0.0, 0, 0
+                for part in world.micro_batches(group, lengths, micro_tokens):  # this rank's rows
+                    if should_stop():
+                        cancelled()
+                    batch = data.collate(train_items, part.indices, pad_id, device)
+                    with world.sync_gradients(part):
+                        loss = forward(batch)
+                        (loss * part.scale / step_labels).backward()
+                    if part.scale:
                         step_loss += loss.item()
                         step_tokens += batch.tokens
-                        prog.examples_seen += batch.examples
-                    prog.micro_done += 1
+                        step_examples += batch.examples
+                prog.micro_done += len(group)
+                step_loss, step_tokens, step_examples = world.sum(step_loss, step_tokens, step_examples)
+                step_tokens = int(step_tokens)
+                prog.examples_seen += int(step_examples)
                 if params.max_grad_norm > 0:
                     torch.nn.utils.clip_grad_norm_(trainable, params.max_grad_norm)
                 optimizer.step()
@@ -437,11 +454,14 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         # -- saving -------------------------------------------------------------------------------
         prog.send("saving")
         peft_model.eval()
+        adapter_state = world.adapter_state(peft_model)  # FSDP: gathered by every rank
+        if not world.is_main:
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f"{target.name}.tmp-{safe_name(job_id)}")
         if tmp.exists():
             shutil.rmtree(tmp)
-        peft_model.save_pretrained(str(tmp), safe_serialization=True)
+        peft_model.save_pretrained(str(tmp), safe_serialization=True, state_dict=adapter_state)
         tokenizer.save_pretrained(str(tmp))
         adapter_file = tmp / ADAPTER_FILE
         if not adapter_file.is_file():
@@ -480,7 +500,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
             train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
             adapter_file=adapter_file, selective=selective, target=target, fused_lora=fused_lora,
-            micro_tokens=micro_tokens,
+            micro_tokens=micro_tokens, world=world,
         )
         manifest.update(continuity)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -492,7 +512,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         # The adapter is the result now: its checkpoints go. params.json stays until the journal has
         # recorded the completion (it then removes the directory), so a crash in between is still
         # recognised as completed at the next start (it names the output path).
-        checkpoint.clear(job_dir)
+        if durable:
+            checkpoint.clear(job_dir)
         prog.send("saving", message=f"Adapter written to {target}")
         return wire.TrainResult(job_id=job_id, adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE),
                                 metrics=metrics, warnings=job_warnings)
@@ -521,7 +542,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
               warnings: list[str], adapter_file: Path, selective: bool, target: Path,
-              fused_lora: int, micro_tokens: int) -> dict[str, Any]:
+              fused_lora: int, micro_tokens: int, world: World) -> dict[str, Any]:
     from .. import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
@@ -556,7 +577,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "validationHistory": prog.validation_history,
         "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
                    "fusedLoraLayers": fused_lora, "microBatchTokens": micro_tokens,
-                   "gradientCheckpointing": params.gradient_checkpointing},
+                   "gradientCheckpointing": params.gradient_checkpointing, "distributed": world.describe()},
         "warnings": warnings,
         "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(adapter_file),
                     "bytes": adapter_file.stat().st_size},

@@ -41,6 +41,8 @@ export const ErrorCodes = {
   ResumeMismatch: -32036,
   CheckpointInvalid: -32037,
   AdapterMismatch: -32038,
+  WorkerDied: -32045,
+  WorkerStartFailed: -32046,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

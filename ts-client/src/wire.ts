@@ -258,6 +258,21 @@ export interface DeviceInfo {
   bf16: boolean;
 }
 
+/**
+ * Train with several processes (one per GPU, or CPU processes) started by torch's elastic launcher.
+ *
+ * `batchSize` is per process: a micro-step takes `batchSize × processes` examples (the global
+ * batch), an optimizer step `batchSize × gradientAccumulation × processes`; each step's examples
+ * are those of a single-process job with `batchSize × processes` and are dealt out row by row.
+ */
+export interface Distributed {
+  /** Constraints: an integer, >= 1, <= 1024. */
+  processes: number;
+  /** @default "ddp" */
+  strategy?: "ddp" | "fsdp";
+  backend?: "gloo" | "nccl" | null;
+}
+
 export interface EarlyStopping {
   /** Constraints: an integer, > 0. */
   patience: number;
@@ -729,6 +744,7 @@ export interface TrainParams {
   earlyStopping?: EarlyStopping | null;
   /** Constraints: an integer, > 0. */
   evalEvery?: number | null;
+  distributed?: Distributed | null;
 }
 
 export interface TrainResult {

@@ -1,0 +1,227 @@
+"""Distributed jobs: 2 CPU processes on gloo, started by torchrun, supervised by the real sidecar.
+
+The equality checks run with dropout 0: dropout masks are drawn per process, so with dropout the
+two runs differ by construction (docs/SCALING.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sidecar.training.world import Part, World
+from tests.sidecar_proc import REPO, Sidecar, chat_dataset
+
+TOLERANCE = 1e-5
+# 9 examples at a global batch of 4: micro-batches of 4, 4 and 1 rows per epoch. With accumulation 2
+# a step is either 8 rows or the single row, where rank 1 has no row and runs the stand-in; the
+# micro-batch budget splits each rank's rows further, so gradients accumulate under no_sync.
+JOB = {"dataset": chat_dataset(9), "maxSteps": 4, "gradientAccumulation": 2, "microBatchTokens": 40,
+       "dropout": 0.0, "progressInterval": 0}
+PHASES = ["queued", "loading", "preparing", "training", "saving", "completed"]
+
+
+def distributed_params(model: Path, out: Path, **extra) -> dict:
+    return {"baseModel": str(model), "outputPath": str(out), **JOB, "batchSize": 2,
+            "distributed": {"processes": 2}, **extra}
+
+
+def adapter(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def group_pids(proc: Sidecar) -> tuple[int, list[int]]:
+    """Launcher and worker pids of the group the latest job ran on (from the sidecar's log)."""
+    found = re.findall(r"launcher pid (\d+), worker pids (\{.*?\})", proc.stderr())
+    assert found, proc.stderr()[-3000:]
+    launcher, workers = found[-1]
+    return int(launcher), [int(p) for p in json.loads(workers).values()]
+
+
+def running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has ended (its parent may simply not have reaped it yet)
+
+
+def wait_step(proc: Sidecar, job_id: str, step: int, timeout: float = 120) -> None:
+    proc.wait_for(lambda m: m.get("method") == "progress" and m["params"]["jobId"] == job_id
+                  and m["params"]["phase"] == "training" and m["params"]["step"] >= step, timeout)
+
+
+@pytest.fixture(scope="module")
+def sidecar():
+    # One compute thread for the sidecar's own (reference) job: the workers get one each too, and
+    # more threads than free cores make a shared 2-core machine crawl.
+    proc = Sidecar(env={"LORA_SIDECAR_THREADS": "1"})
+    yield proc
+    assert proc.close() == 0
+    started = re.findall(r"launcher pid (\d+), worker pids (\{.*?\})", proc.stderr())
+    pids = [int(p) for launcher, workers in started for p in [launcher, *json.loads(workers).values()]]
+    assert not [p for p in pids if running(p)], "processes left after shutdown"
+
+
+@pytest.fixture(scope="module")
+def single_process_adapter(sidecar, tiny_model_dir, tmp_path_factory) -> Path:
+    """The reference: one process, batchSize 4 = 2 per process × 2 processes."""
+    out = tmp_path_factory.mktemp("single") / "adapter"
+    response = sidecar.call("train", {"baseModel": str(tiny_model_dir), "outputPath": str(out), **JOB,
+                                      "batchSize": 4, "jobId": "single"}, timeout=300)
+    assert "result" in response, response
+    return out
+
+
+class TestWorld:
+    def test_each_rank_takes_its_rows_and_every_rank_syncs_once_per_step(self):
+        class Rank(World):
+            def __init__(self, rank: int) -> None:
+                self.size, self.rank = 2, rank
+
+        lengths = [10] * 9
+        group = [[0, 1, 2, 3], [4, 5, 6, 7]]
+        parts = {r: Rank(r).micro_batches(group, lengths, budget=0) for r in (0, 1)}
+        assert parts[0] == [Part([0, 2], 2, False), Part([4, 6], 2, True)]
+        assert parts[1] == [Part([1, 3], 2, False), Part([5, 7], 2, True)]
+        # the budget splits a rank's rows; the last part still carries the synchronisation
+        assert Rank(0).micro_batches(group, lengths, budget=10) == [
+            Part([0], 2, False), Part([2], 2, False), Part([4], 2, False), Part([6], 2, True)]
+        # a step with one row: rank 1 runs that row at weight 0, so it still joins the reduction
+        assert Rank(0).micro_batches([[8]], lengths, 0) == [Part([8], 2, True)]
+        assert Rank(1).micro_batches([[8]], lengths, 0) == [Part([8], 0.0, True)]
+        # one process: the rows as given, weight 1
+        assert World().micro_batches(group, lengths, 0) == [Part([0, 1, 2, 3], 1, False), Part([4, 5, 6, 7], 1, True)]
+
+
+class TestDistributedJobs:
+    def test_two_processes_give_the_single_process_adapter_then_reuse_the_warm_group(
+            self, sidecar, tiny_model_dir, tmp_path, single_process_adapter):
+        out = tmp_path / "dist"
+        request = sidecar.request("train", distributed_params(tiny_model_dir, out, jobId="dist-1"))
+        first = sidecar.response(request, timeout=300)
+        assert "result" in first, first
+        assert max_difference(adapter(out), adapter(single_process_adapter)) <= TOLERANCE
+        assert max(t.abs().max().item() for k, t in adapter(out).items() if "lora_B" in k) > 1e-4  # it trained
+        metrics = first["result"]["metrics"]
+        reference = json.loads((single_process_adapter / "training_manifest.json").read_text())
+        assert metrics["steps"] == 4 and metrics["examplesProcessed"] == reference["metrics"]["examplesProcessed"]
+        assert metrics["trainLoss"] == pytest.approx(reference["metrics"]["trainLoss"], abs=1e-5)
+
+        progress = sidecar.progress("dist-1")
+        phases = [p["phase"] for p in progress]
+        assert phases[0] == "queued" and phases[-1] == "completed"
+        order = [PHASES.index(p) for p in phases]
+        assert order == sorted(order) and "training" in phases, phases
+        assert [p["step"] for p in progress if p["phase"] == "training"][-1] == 4
+        done = sidecar.index_of(lambda m: m.get("method") == "progress" and m["params"]["jobId"] == "dist-1"
+                                and m["params"]["phase"] == "completed")
+        assert 0 <= done < sidecar.index_of(lambda m: m.get("id") == request and "method" not in m)
+        manifest = json.loads((out / "training_manifest.json").read_text())
+        assert manifest["engine"]["distributed"] == {"processes": 2, "strategy": "ddp", "backend": "gloo",
+                                                     "device": "cpu"}
+        assert manifest["hyperparameters"]["distributed"]["processes"] == 2
+        assert sidecar.bad_output == []
+        launcher, workers = group_pids(sidecar)
+
+        # The same job again: the group and its loaded model are reused, and the result is the same.
+        again = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "again", jobId="dist-2"),
+                             timeout=300)["result"]
+        assert group_pids(sidecar) == (launcher, workers)
+        assert sidecar.stderr().count("worker group ready") == 1
+        assert again["metrics"]["modelCached"] is True and metrics["modelCached"] is False
+        assert again["metrics"]["timeToFirstStepMs"] < metrics["timeToFirstStepMs"]
+        assert max_difference(adapter(tmp_path / "again"), adapter(out)) <= TOLERANCE
+
+    def test_cancel_stops_the_whole_group_and_leaves_no_process(self, sidecar, tiny_model_dir, tmp_path):
+        out = tmp_path / "cancelled"
+        request = sidecar.request("train", distributed_params(tiny_model_dir, out, jobId="dist-cancel",
+                                                               maxSteps=100_000))
+        wait_step(sidecar, "dist-cancel", 2)
+        launcher, workers = group_pids(sidecar)
+        assert all(running(p) for p in [launcher, *workers])
+        t0 = time.monotonic()
+        assert sidecar.call("cancel", {"jobId": "dist-cancel"})["result"]["state"] == "cancelling"
+        response = sidecar.response(request, timeout=30)
+        elapsed = time.monotonic() - t0
+        assert response["error"]["code"] == -32800 and response["error"]["data"]["stepsCompleted"] >= 2
+        assert elapsed < 5, elapsed
+        assert not [p for p in [launcher, *workers] if running(p)]
+        assert not out.exists() and not list(tmp_path.iterdir())
+        assert sidecar.call("status")["result"]["recent"][0]["state"] == "cancelled"
+
+    def test_a_killed_worker_fails_the_job_naming_its_rank_and_the_sidecar_keeps_serving(
+            self, sidecar, tiny_model_dir, tmp_path):
+        request = sidecar.request("train", distributed_params(tiny_model_dir, tmp_path / "a", jobId="dist-kill",
+                                                               maxSteps=100_000))
+        wait_step(sidecar, "dist-kill", 2)
+        launcher, workers = group_pids(sidecar)
+        os.kill(workers[1], signal.SIGKILL)
+        error = sidecar.response(request, timeout=60)["error"]
+        assert error["code"] == -32045, error
+        data = error["data"]
+        assert data["rank"] == 1 and data["pid"] == workers[1] and data["exitStatus"] == "signal 9 (SIGKILL)"
+        assert "rank 1" in error["message"] and data["stderrTail"]
+        assert any("rank1" in line for line in data["stderrTail"])  # rank 1's own log lines
+        assert data["stderrTail"][-1] in error["message"]
+        assert not [p for p in [launcher, *workers] if running(p)]
+        status = sidecar.call("status")["result"]
+        assert status["running"] is None and status["recent"][0]["state"] == "failed"
+        assert "result" in sidecar.call("supports")
+
+    def test_bad_distributed_params_are_refused_with_the_field(self, sidecar, tiny_model_dir, tmp_path):
+        for spec, field in (({"processes": 0}, "$.distributed.processes"),
+                            ({"processes": 2, "strategy": "zero"}, "$.distributed.strategy"),
+                            ({"strategy": "ddp"}, "$.distributed")):
+            error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", distributed=spec))["error"]
+            assert error["code"] == -32602 and error["data"]["field"] == field, error
+        error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", device="cpu",
+                                                         distributed={"processes": 2, "backend": "nccl"}))["error"]
+        assert error["code"] == -32602 and error["data"]["field"] == "$.distributed.backend", error
+        error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", quantize=True,
+                                                         distributed={"processes": 2, "strategy": "fsdp"}))["error"]
+        assert error["code"] == -32016 and error["data"]["field"] == "$.distributed.strategy", error
+        assert not list(tmp_path.iterdir())
+
+    @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="nccl starts where CUDA is present")
+    def test_a_group_that_cannot_start_fails_the_job_with_the_rank_error(self, sidecar, tiny_model_dir, tmp_path):
+        # nccl needs CUDA: this machine has none, so init_process_group fails in every rank.
+        error = sidecar.call("train", distributed_params(tiny_model_dir, tmp_path / "x", distributed={
+            "processes": 2, "backend": "nccl"}), timeout=120)["error"]
+        assert error["code"] == -32046, error
+        assert "NCCL" in error["message"] and "failed to start" in error["message"]
+        assert error["data"]["stderrTail"] and not list(tmp_path.iterdir())
+        assert sidecar.call("status")["result"]["running"] is None
+
+
+def test_fsdp_under_plain_torchrun_gives_the_single_process_adapter(tiny_model_dir, tmp_path,
+                                                                     single_process_adapter):
+    """The worker's one-shot mode (the multi-node entry point) with FSDP2 sharding over 2 processes."""
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"baseModel": str(tiny_model_dir), "outputPath": str(tmp_path / "fsdp"), **JOB,
+                               "batchSize": 2, "jobId": "fsdp"}))
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+         "sidecar.training.worker", "--strategy", "fsdp", "--job", str(job), "--result", str(tmp_path / "r.json")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["metrics"]["steps"] == 4
+    assert max_difference(adapter(tmp_path / "fsdp"), adapter(single_process_adapter)) <= TOLERANCE
+    manifest = json.loads((tmp_path / "fsdp" / "training_manifest.json").read_text())
+    assert manifest["engine"]["distributed"]["strategy"] == "fsdp" and manifest["engine"]["selectiveLogits"] is False
