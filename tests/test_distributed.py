@@ -209,6 +209,19 @@ class TestDistributedJobs:
         assert sidecar.call("status")["result"]["running"] is None
 
 
+def test_shutdown_stops_the_idle_warm_group(tiny_model_dir, tmp_path):
+    with Sidecar(env={"LORA_SIDECAR_THREADS": "1"}) as proc:
+        response = proc.call("train", distributed_params(tiny_model_dir, tmp_path / "a", maxSteps=1), timeout=300)
+        assert "result" in response, response
+        launcher, workers = group_pids(proc)
+        assert all(running(p) for p in [launcher, *workers])  # idle, waiting for the next job
+        t0 = time.monotonic()
+        assert proc.close() == 0
+        assert time.monotonic() - t0 < 10
+        assert not [p for p in [launcher, *workers] if running(p)]
+        assert "worker group stopped" in proc.stderr()
+
+
 def test_fsdp_under_plain_torchrun_gives_the_single_process_adapter(tiny_model_dir, tmp_path,
                                                                      single_process_adapter):
     """The worker's one-shot mode (the multi-node entry point) with FSDP2 sharding over 2 processes."""

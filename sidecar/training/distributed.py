@@ -344,9 +344,9 @@ class WorkerGroup:
 
     def _worker_died(self, answers: _Answers, job_id: str, step: int,
                      temp_output: Optional[Path]) -> errors.SidecarError:
-        # The launcher notices the death within its monitor interval, stops the other ranks and
-        # reports the first failure; give it a moment, then make sure nothing is left.
-        deadline = time.monotonic() + 3
+        # The launcher notices the death within its monitor interval (0.1 s), stops the other ranks
+        # and reports the first failure, usually within a second; then make sure nothing is left.
+        deadline = time.monotonic() + 10
         while self.proc is not None and self.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         launcher_root = re.search(r"Root Cause.*?rank\s*:\s*(\d+)", "\n".join(self.output), re.S)
