@@ -26,12 +26,13 @@ from typing import Any
 
 from . import baseline, limit, sidecar_side
 from .common import BENCH_DIR, TOKEN_DEFINITION, JobSettings, tail, thread_env, write_json
+from .dataset import SHAPES
 
 LOSS_TOLERANCE = 0.05
 """Nats: the sidecar's adapter may score at most this much worse than the baseline's."""
 
 TARGETS = {
-    "speedup": "sidecar tokens/s ≥ 3 × baseline tokens/s",
+    "speedup": "sidecar tokens/s ≥ 3 × baseline tokens/s (every data shape)",
     "limit_fraction": "sidecar model FLOP/s ≥ 0.70 × measured fp32 matmul peak",
     # "First step" is the first `training` progress notification, sent as the first optimizer step
     # begins: what a caller waits for before its job trains. The first step's own compute (the same
@@ -40,7 +41,7 @@ TARGETS = {
     "first_step_ratio": "baseline launch → first step begins ≥ 10 × sidecar request → first step begins",
     "first_step_done_abs": "(info) second job: request → first step completed, its compute included ≤ 0.5 s",
     "peak_rss": "sidecar peak RSS ≤ baseline peak RSS",
-    "loss": f"sidecar adapter loss ≤ baseline adapter loss + {LOSS_TOLERANCE} (same tokens, same scorer)",
+    "loss": f"sidecar adapter loss ≤ baseline adapter loss + {LOSS_TOLERANCE} (same tokens, same scorer; every shape)",
 }
 
 
@@ -53,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps per job (default: one full epoch)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 3 steps per job, shorter matmul probe, 1-step scaling runs")
+    p.add_argument("--shapes", default=",".join(SHAPES),
+                   help=f"data shapes to run, comma-separated (default: all of {', '.join(SHAPES)}; "
+                        "see bench/dataset.py)")
     p.add_argument("--levers", action="store_true", help="also measure each engine lever")
     p.add_argument("--scaling", action="store_true", help="also measure tokens/s and memory vs length and rank")
     p.add_argument("--distributed", action="store_true",
@@ -213,6 +217,19 @@ def _f(x: Any, fmt: str = "{:.1f}") -> str:
     return fmt.format(x)
 
 
+def report_all(res: dict[str, Any], out=sys.stdout) -> None:
+    first = True
+    for name, sh in res["shapes"].items():
+        if "ratios" in sh:
+            out.write(f"\n######## data shape: {name} ########")
+            view = shape_view(res, name)
+            if not first:  # the lever and scaling tables belong to the run, not to a shape: print them once
+                view = {k: v for k, v in view.items() if k not in ("levers", "scaling")}
+            print_report(view, out)
+            first = False
+    print_summary(res, out)
+
+
 def print_report(res: dict[str, Any], out=sys.stdout) -> None:
     b, s, r, ev = res.get("baseline"), res.get("sidecar"), res["ratios"], res.get("evaluation")
     bm, sm = (b or {}), (s or {})
@@ -305,13 +322,79 @@ def _child_json(module: str, config: dict[str, Any], workdir: Path, name: str, t
     return json.loads(out_path.read_text())
 
 
+def shape_view(res: dict[str, Any], name: str) -> dict[str, Any]:
+    """The run's common facts (machine, model, limit) with one data shape's results on top: the form
+    ``compute_ratios``, ``check_targets`` and ``print_report`` read."""
+    return {**res, **res["shapes"][name]}
+
+
+def run_shape(res: dict[str, Any], name: str, model_path: str, workdir: Path, args: argparse.Namespace,
+              threads: int, say, save) -> None:
+    """Baseline, sidecar and scoring on one data shape; results go into ``res["shapes"][name]``."""
+    sh = res["shapes"][name]
+    settings = JobSettings(**{**sh["settings"], "target_modules": tuple(sh["settings"]["target_modules"])})
+    sh["dataset"] = dataset_stats(model_path, settings.dataset_path, settings.max_seq_length)
+    save()
+    if not args.skip_baseline:
+        say("baseline: fresh process, TRL SFTTrainer")
+        res["load_average"][f"before_baseline_{name}"] = load_average()
+        sh["baseline"] = baseline.run(settings, model_path, workdir / "baseline", timeout=args.timeout)
+        b = sh["baseline"]
+        say(f"  baseline: {b['tokens_per_s']:.1f} tokens/s, launch → first step {b['launch_to_first_step_s']:.2f} s")
+        save()
+    say("sidecar: warm process, two identical jobs over stdio")
+    res["load_average"][f"before_sidecar_{name}"] = load_average()
+    sh["sidecar"] = sidecar_side.run(settings, workdir / "sidecar", timeout=args.timeout)
+    sd = sh["sidecar"]
+    say(f"  sidecar: {sd['tokens_per_s']:.1f} tokens/s, request → first step {sd['request_to_first_step_s']:.3f} s")
+    save()
+    say("scoring the adapters on the dataset")
+    adapters = {"sidecar": sd["adapter_dir"]}
+    if sh.get("baseline"):
+        adapters = {"baseline": sh["baseline"]["adapter_dir"], **adapters}
+    sh["evaluation"] = _child_json("bench.evaluate", {"model_path": model_path, "dataset_path": settings.dataset_path,
+                                                      "adapters": adapters, "threads": threads},
+                                   workdir, "evaluation", args.timeout, threads)
+    view = shape_view(res, name)
+    sh["ratios"] = compute_ratios(view)
+    sh["targets"] = check_targets({**view, "ratios": sh["ratios"]})
+    save()
+
+
+def finish_ratios(res: dict[str, Any]) -> None:
+    """Ratios and targets for every shape (older single-shape JSON files are read as shape 'chat')."""
+    if "shapes" not in res:
+        res["shapes"] = {"chat": {k: res[k] for k in ("dataset", "baseline", "sidecar", "evaluation", "settings")
+                                  if k in res}}
+    for name, sh in res["shapes"].items():
+        if "dataset" not in sh:
+            continue
+        view = shape_view(res, name)
+        sh["ratios"] = compute_ratios(view)
+        sh["targets"] = check_targets({**view, "ratios": sh["ratios"]})
+
+
+def print_summary(res: dict[str, Any], out=sys.stdout) -> None:
+    """One line per data shape: the ratio and the loss check that the targets ask of every shape."""
+    w = out.write
+    w("\n== per data shape ==\n")
+    w(f"{'shape':8}{'examples':>9}{'tokens':>8}{'median len':>11}{'baseline tok/s':>16}{'sidecar tok/s':>15}"
+      f"{'ratio':>8}{'loss Δ (sidecar−baseline)':>28}\n")
+    for name, sh in res["shapes"].items():
+        d, r = sh.get("dataset") or {}, sh.get("ratios") or {}
+        b, s = sh.get("baseline") or {}, sh.get("sidecar") or {}
+        w(f"{name:8}{d.get('examples', 0):>9}{d.get('tokens', 0):>8}{d.get('median_length', 0):>11}"
+          f"{_f(b.get('tokens_per_s')):>16}{_f(s.get('tokens_per_s')):>15}{_f(r.get('speedup'), '{:.2f}×'):>8}"
+          f"{_f(r.get('loss_difference'), '{:+.4f}'):>28}\n")
+    w(f"\nJSON: {res['out']}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
         res = json.loads(args.report.read_text())
-        res["ratios"] = compute_ratios(res)
-        res["targets"] = check_targets(res)
-        print_report(res)
+        finish_ratios(res)
+        report_all(res)
         return 0
     import torch
 
@@ -338,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"bench needs a model directory the TRL baseline can load; {args.model!r} resolved to "
                          f"{resolved.kind} {resolved.path}")
     settings = JobSettings(model=args.model, max_steps=steps, threads=threads)
+    shape_names = [n.strip() for n in args.shapes.split(",") if n.strip()]
+    unknown = [n for n in shape_names if n not in SHAPES]
+    if unknown or not shape_names:
+        raise SystemExit(f"unknown data shape(s) {unknown or args.shapes!r}; choose from {', '.join(SHAPES)}")
     shape = limit.ModelShape.from_config_dir(resolved.path)
     res: dict[str, Any] = {
         "format": "lora-sidecar.bench/1",
@@ -359,39 +446,17 @@ def main(argv: list[str] | None = None) -> int:
             "will be low and noisy")
 
     try:
-        say("dataset statistics")
-        ds = dataset_stats(resolved.path, settings.dataset_path, settings.max_seq_length)
-        res["dataset"] = ds
-        write_json(out, res)
-
         say(f"matmul limit on {threads} threads")
         rows = [256] if args.quick else [256, 1024]
         res["limit"] = limit.matmul_gflops(threads, shapes=limit.representative_shapes(shape, rows),
                                            repeats=2 if args.quick else 5, min_seconds=0.05 if args.quick else 0.2)
         write_json(out, res)
 
-        if not args.skip_baseline:
-            say("baseline: fresh process, TRL SFTTrainer")
-            res["load_average"]["before_baseline"] = load_average()
-            res["baseline"] = baseline.run(settings, resolved.path, workdir / "baseline", timeout=args.timeout)
-            b = res["baseline"]
-            say(f"  baseline: {b['tokens_per_s']:.1f} tokens/s, launch → first step {b['launch_to_first_step_s']:.2f} s")
-            write_json(out, res)
-
-        say("sidecar: warm process, two identical jobs over stdio")
-        res["load_average"]["before_sidecar"] = load_average()
-        res["sidecar"] = sidecar_side.run(settings, workdir / "sidecar", timeout=args.timeout)
-        sd = res["sidecar"]
-        say(f"  sidecar: {sd['tokens_per_s']:.1f} tokens/s, request → first step {sd['request_to_first_step_s']:.3f} s")
-        write_json(out, res)
-
-        say("scoring the adapters on the dataset")
-        adapters = {"sidecar": res["sidecar"]["adapter_dir"]}
-        if res.get("baseline"):
-            adapters = {"baseline": res["baseline"]["adapter_dir"], **adapters}
-        res["evaluation"] = _child_json("bench.evaluate", {"model_path": resolved.path, "dataset_path": settings.dataset_path,
-                                                           "adapters": adapters, "threads": threads},
-                                        workdir, "evaluation", args.timeout, threads)
+        res["shapes"] = {}
+        for name in shape_names:
+            say(f"== data shape {name!r} ==")
+            res["shapes"][name] = {"settings": settings.with_(dataset_path=str(SHAPES[name][0])).to_dict()}
+            run_shape(res, name, resolved.path, workdir / name, args, threads, say, lambda: write_json(out, res))
         res["load_average"]["end_main"] = load_average()
         write_json(out, res)
 
@@ -423,20 +488,18 @@ def main(argv: list[str] | None = None) -> int:
         say(f"FAILED: {res['error']}")
         say(f"partial results: {out}; logs and adapters kept in {workdir}")
         try:  # whatever was measured before the failure is still worth a table
-            res["ratios"] = compute_ratios(res)
-            res["targets"] = check_targets(res)
+            finish_ratios(res)
             write_json(out, res)
-            print_report(res)
+            report_all(res)
         except Exception as report_exc:  # noqa: BLE001 - the failure above is the one to report
             say(f"(no table: {type(report_exc).__name__}: {report_exc})")
         return 1
 
     res["load_average"]["end"] = load_average()
-    res["ratios"] = compute_ratios(res)
-    res["targets"] = check_targets(res)
+    finish_ratios(res)
     res["complete"] = True
     write_json(out, res)
-    print_report(res)
+    report_all(res)
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
         res["workdir"] = None

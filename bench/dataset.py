@@ -257,10 +257,111 @@ def build_examples(seed: int = SEED) -> list[dict]:
     return out
 
 
-def write_dataset(path: Path = DATA_PATH) -> Path:
+# ---------------------------------------------------------------------------------------------
+# More data shapes: short uniform chats and long documents (issue: throughput on every kind of data)
+# ---------------------------------------------------------------------------------------------
+
+SHORT_PATH = DATA_PATH.with_name("short.jsonl")
+LONG_PATH = DATA_PATH.with_name("long.jsonl")
+
+_CITIES = ["Lisbon", "Oslo", "Nairobi", "Lima", "Hanoi", "Quebec", "Perth", "Krakow", "Osaka", "Tunis", "Bergen",
+           "Cusco", "Dakar", "Porto", "Tallinn", "Seville"]
+_ITEMS = [("a bicycle", "pedals", "gears"), ("a kettle", "spout", "heating element"),
+          ("a lighthouse", "lamp", "lens"), ("a violin", "bow", "strings"), ("a sailboat", "mast", "keel"),
+          ("a microscope", "eyepiece", "objective lens"), ("a greenhouse", "glass panes", "vents"),
+          ("a printer", "print head", "paper tray")]
+_UNITS = [("litres", "gallons", 0.264172), ("kilograms", "pounds", 2.20462), ("metres", "feet", 3.28084),
+          ("kilometres", "miles", 0.621371)]
+
+
+def _short_pair(i: int, rng: random.Random) -> tuple[str, str]:
+    kind = i % 4
+    if kind == 0:
+        city, n = _CITIES[i % len(_CITIES)], rng.randint(3, 9)
+        return (f"I have {n} hours in {city}. What should I do first?",
+                f"With {n} hours in {city}, start with a short walk through the old centre, then pick one "
+                f"museum or viewpoint and leave time for a relaxed meal near the water.")
+    if kind == 1:
+        thing, part_a, part_b = _ITEMS[i % len(_ITEMS)]
+        return (f"What are the main parts of {thing}?",
+                f"The main parts of {thing} are the {part_a} and the {part_b}; together they let it do its "
+                f"job, and both need a quick check now and then to keep it working well.")
+    if kind == 2:
+        src, dst, factor = _UNITS[i % len(_UNITS)]
+        x = rng.randint(4, 90)
+        return (f"Convert {x} {src} to {dst}, please.",
+                f"{x} {src} is about {x * factor:.1f} {dst}. The factor is {factor}, so multiply the number of "
+                f"{src} by it and round to one decimal place.")
+    a, b = rng.randint(11, 99), rng.randint(11, 99)
+    return (f"Can you check my sum: is {a} plus {b} equal to {a + b + (i % 3) - 1}?",
+            f"{a} plus {b} is {a + b}, so " + ("yes, your sum is right." if i % 3 == 1 else
+                                                f"no, your answer is off by {abs((i % 3) - 1)}.")
+            + " Adding the tens first and then the units is a quick way to check.")
+
+
+def build_short_examples(seed: int = SEED, count: int = 48) -> list[dict]:
+    """Short single-turn chats of nearly uniform length (about 90-110 tokens with the template's
+    default system prompt): where matrices are small and per-layer overhead dominates."""
+    rng = random.Random(seed + 1)
+    out = []
+    for i in range(count):
+        q, a = _short_pair(i, rng)
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+_SECTIONS = ["Background", "Progress", "Risks", "Budget", "Staffing", "Schedule", "Customer feedback", "Next steps"]
+_TEAMS = ["platform", "payments", "mobile", "search", "data", "support", "security", "design"]
+_VERBS = ["finished", "started", "paused", "reviewed", "simplified", "measured", "documented", "tested"]
+_OBJECTS = ["the billing service", "the onboarding flow", "the nightly import", "the search index",
+            "the release checklist", "the audit log", "the mobile login", "the reporting dashboard"]
+
+
+def _report(i: int, rng: random.Random) -> tuple[str, str]:
+    project = f"Project {chr(65 + i % 26)}{i // 26 + 1}"
+    paragraphs = []
+    for section in rng.sample(_SECTIONS, 6):
+        sentences = []
+        for _ in range(4):
+            team, verb, obj = rng.choice(_TEAMS), rng.choice(_VERBS), rng.choice(_OBJECTS)
+            pct, weeks = rng.randint(5, 95), rng.randint(1, 12)
+            sentences.append(f"The {team} team {verb} work on {obj}, which is now {pct} percent complete "
+                             f"and expected to need about {weeks} more weeks.")
+        paragraphs.append(f"{section}. " + " ".join(sentences))
+    document = f"{project} status report.\n\n" + "\n\n".join(paragraphs)
+    summary_bits = []
+    for section in _SECTIONS[:4]:
+        team, obj, pct = rng.choice(_TEAMS), rng.choice(_OBJECTS), rng.randint(10, 90)
+        summary_bits.append(f"{section}: the {team} team reports {obj} at about {pct} percent.")
+    answer = (f"Summary of the {project} report. " + " ".join(summary_bits)
+              + " Overall the project is on track, with the main risk in scheduling; the next review should "
+                "confirm the remaining weeks per team and whether any work can run in parallel.")
+    return f"Please summarise this report in a short paragraph.\n\n{document}", answer
+
+
+def build_long_examples(seed: int = SEED, count: int = 16) -> list[dict]:
+    """Long single-turn chats (a ~700-900-token report to summarise): long rows, big matrices,
+    attention cost growing with length."""
+    rng = random.Random(seed + 2)
+    out = []
+    for i in range(count):
+        q, a = _report(i, rng)
+        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+    return out
+
+
+SHAPES = {"chat": (DATA_PATH, build_examples), "short": (SHORT_PATH, build_short_examples),
+          "long": (LONG_PATH, build_long_examples)}
+"""Every benchmark data shape: name → (kept file, generator)."""
+
+
+def _jsonl(examples: list[dict]) -> str:
+    return "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in examples)
+
+
+def write_dataset(path: Path = DATA_PATH, build=build_examples) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in build_examples())
-    path.write_text(text, encoding="utf-8")
+    path.write_text(_jsonl(build()), encoding="utf-8")
     return path
 
 
@@ -315,16 +416,19 @@ def _render_ids(tokenizer, messages, generation_prompt: bool = False) -> list[in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.dataset", description="Write bench/data/chat.jsonl.")
-    parser.add_argument("--check", action="store_true", help="only verify the kept file matches the generator")
+    parser = argparse.ArgumentParser(prog="python -m bench.dataset",
+                                     description="Write the benchmark datasets (bench/data/*.jsonl).")
+    parser.add_argument("--check", action="store_true", help="only verify the kept files match the generators")
     args = parser.parse_args(argv)
-    expected = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in build_examples())
-    if args.check:
-        ok = DATA_PATH.is_file() and DATA_PATH.read_text(encoding="utf-8") == expected
-        print(f"{DATA_PATH}: {'matches the generator' if ok else 'DIFFERS from the generator'}")
-        return 0 if ok else 1
-    print(write_dataset())
-    return 0
+    failed = 0
+    for name, (path, build) in SHAPES.items():
+        if args.check:
+            ok = path.is_file() and path.read_text(encoding="utf-8") == _jsonl(build())
+            print(f"{path}: {'matches the generator' if ok else 'DIFFERS from the generator'}")
+            failed += not ok
+        else:
+            print(write_dataset(path, build))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ def tokenizer():
     return load_embedded_tokenizer()
 
 
-def test_kept_dataset_matches_its_generator():
-    expected = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in dataset.build_examples())
-    assert dataset.DATA_PATH.read_text(encoding="utf-8") == expected
+@pytest.mark.parametrize("shape", list(dataset.SHAPES))
+def test_kept_datasets_match_their_generators(shape):
+    path, build = dataset.SHAPES[shape]
+    expected = "".join(json.dumps(ex, ensure_ascii=False) + "\n" for ex in build())
+    assert path.read_text(encoding="utf-8") == expected
 
 
 def test_dataset_mix():
@@ -37,15 +39,23 @@ def test_dataset_mix():
     assert len(with_system) == 22 and len(multi_turn) == 8
 
 
-def test_token_counts_and_labels_agree_between_trl_template_and_sidecar(tokenizer):
+# Each shape: (tokens, labelled tokens, shortest, longest) with the sidecar's rendering.
+SHAPE_FACTS = {"chat": (5200, 2600, 37, 255), "short": (3993, 1847, 79, 91), "long": (13863, 1719, 860, 872)}
+
+
+@pytest.mark.parametrize("shape", list(dataset.SHAPES))
+def test_token_counts_and_labels_agree_between_trl_template_and_sidecar(tokenizer, shape):
     """The baseline's training template renders the same text and marks the same tokens as the
-    sidecar's labels: same tokens fed, same loss positions."""
+    sidecar's labels: same tokens fed, same loss positions — on every data shape. The short shape
+    stays within 60-120 tokens a row, the long one within 600-1,000."""
     from sidecar import data
 
     template = TRAINING_TEMPLATE.read_text()
-    records = data.load_jsonl(str(dataset.DATA_PATH))
+    records = data.load_jsonl(str(dataset.SHAPES[shape][0]))
     items, stats = data.tokenize(records, tokenizer, loss_on="assistant", max_seq_length=1024)
-    assert (stats.tokens, stats.trainable_tokens, stats.truncated) == (5200, 2600, 0)
+    lengths = [len(t.input_ids) for t in items]
+    assert (stats.tokens, stats.trainable_tokens, min(lengths), max(lengths)) == SHAPE_FACTS[shape]
+    assert stats.truncated == 0
     for rec, item in zip(records, items):
         messages = [{"role": m.role, "content": m.content} for m in rec.example.messages]
         assert tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template) == \
@@ -116,3 +126,23 @@ def test_targets_without_a_baseline_are_not_applicable():
     t = check_targets(res)
     assert t["speedup"]["pass"] is None and t["peak_rss"]["pass"] is None and t["loss"]["pass"] is None
     assert t["limit_fraction"]["pass"] is True
+
+
+def test_per_shape_ratios_and_summary():
+    """A run over several shapes gets ratios and targets per shape, and the summary has a line each."""
+    import io
+
+    from bench.__main__ import finish_ratios, print_summary
+
+    chat, short = _result(50, 160, 10.0, 0.4, 0.1, 3000, 2500, 2.0, 2.0), _result(60, 150, 10.0, 0.4, 0.1, 3000, 2500, 2.0, 2.1)
+    res = {"model": chat["model"], "limit": chat["limit"], "out": "x.json",
+           "shapes": {name: {k: r[k] for k in ("settings", "dataset", "baseline", "sidecar", "evaluation")}
+                      for name, r in (("chat", chat), ("short", short))}}
+    finish_ratios(res)
+    assert res["shapes"]["chat"]["targets"]["speedup"]["pass"] is True
+    assert res["shapes"]["short"]["ratios"]["speedup"] == pytest.approx(2.5)
+    assert res["shapes"]["short"]["targets"]["speedup"]["pass"] is False
+    assert res["shapes"]["short"]["targets"]["loss"]["pass"] is False
+    text = io.StringIO()
+    print_summary(res, text)
+    assert "chat" in text.getvalue() and "2.50×" in text.getvalue()
