@@ -135,8 +135,8 @@ class TestParentDeath:
             env["LORA_SIDECAR_TEST_HOLD"] = "generating:60"
             requests.append({"jsonrpc": "2.0", "id": 2, "method": "generate", "params": {
                 "baseModel": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}]}})
-        parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps([HOOKED_ARGV, requests, str(stderr), watch])],
-                                  stdout=subprocess.PIPE, cwd=REPO, env=env)
+        argv = [sys.executable, "-c", PARENT, json.dumps([HOOKED_ARGV, requests, str(stderr), watch])]
+        parent = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=REPO, env=env)
         try:
             pid = int(parent.stdout.readline())
             wait_file(tmp_path / "ready", 60, log)
@@ -211,3 +211,28 @@ class TestClientMistakes:
             assert err["code"] == -32602 and err["data"]["field"] == "$.id", (bad, err)
         sidecar.notify("$/cancelRequest", {"id": {"a": 1}})
         assert sidecar.call("status")["result"]["running"] is None
+
+
+# --- the fuzzer -------------------------------------------------------------------------------------
+
+class TestFuzz:
+    def test_fuzzer_and_server_agree_on_the_nesting_limit(self):
+        from sidecar import server
+        from tests import fuzz
+
+        assert fuzz.MAX_DEPTH == server.MAX_NESTING_DEPTH
+
+    def test_10000_fuzzed_messages_are_all_answered_correctly(self):
+        from sidecar import wire
+        from tests import fuzz
+
+        report = fuzz.run(messages=10_000, seed=12, max_bytes=16384, timeout=120)
+        print(json.dumps({k: v for k, v in report.items() if k != "stderrTail"}, indent=1))
+        assert report["ok"], report["problems"]
+        assert report["sent"] == 10_000 and report["missing"] == report["duplicates"] == 0
+        assert report["internalErrors"] == 0 and report["nonProtocolLines"] == 0 and report["exitCode"] == 0
+        families = {k.split("/")[0] for k in report["kinds"]}
+        assert families == {"framing", "request", "batch"}
+        assert len([k for k in report["kinds"] if k.startswith("framing/")]) >= 12
+        fuzzed = (set(wire.METHODS) | set(wire.NOTIFICATIONS_IN)) - set(fuzz.EXCLUDED_METHODS)
+        assert all(report["methods"].get(m, 0) >= 100 for m in fuzzed), report["methods"]
