@@ -188,6 +188,34 @@ class TestBatches:
         assert [r["error"]["code"] for r in answer] == [-32600] * 3
         assert all(r["id"] is None for r in answer)
 
+    def test_notifications_only_get_nothing_and_an_empty_batch_one_error(self, sidecar):
+        sidecar.send_raw(b'[{"jsonrpc":"2.0","method":"status"},{"jsonrpc":"2.0","method":"nope"}]\n')
+        sidecar.send_raw(b"[]\n")
+        err = sidecar.wait_for(lambda m: "error" in m)
+        assert err["error"]["code"] == -32600 and err["id"] is None and "empty batch" in err["error"]["message"]
+        assert sidecar.call("status")["result"]["running"] is None
+        assert not any(isinstance(m, list) for m in sidecar.all)
+        assert len(sidecar.all) == 2
+
+    def test_a_train_in_a_batch_can_be_cancelled_and_holds_the_batch_answer(self, tiny_model_dir, tmp_path, sidecar):
+        train = {"jsonrpc": "2.0", "id": "t", "method": "train", "params": {
+            "baseModel": str(tiny_model_dir), "dataset": chat_dataset(8), "outputPath": str(tmp_path / "out"),
+            "maxSteps": 100_000, "epochs": 1000, "batchSize": 2, "progressInterval": 0, "jobId": "in-batch"}}
+        sidecar.send_raw(json.dumps([train, {"jsonrpc": "2.0", "id": "s", "method": "status"}]).encode() + b"\n")
+        sidecar.wait_for(lambda m: m.get("method") == "progress" and m["params"]["phase"] == "training", 120)
+        assert sidecar.call("status")["result"]["running"]["jobId"] == "in-batch"  # answered meanwhile
+        assert not any(isinstance(m, list) for m in sidecar.all)  # the batch waits for its train
+        sidecar.notify("$/cancelRequest", {"id": "t"})
+        deadline = time.monotonic() + 60
+        while not any(isinstance(m, list) for m in sidecar.all) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = next(m for m in sidecar.all if isinstance(m, list))
+        by_id = {r["id"]: r for r in answer}
+        status = by_id["s"]["result"]
+        assert by_id["t"]["error"]["code"] == -32800
+        assert "in-batch" in [j["jobId"] for j in [status["running"] or {"jobId": None}] + status["queued"]]
+        assert not (tmp_path / "out").exists()
+
 
 # --- 4. a client's mistakes get errors that name the field ------------------------------------------
 
