@@ -135,8 +135,8 @@ class TestParentDeath:
             env["LORA_SIDECAR_TEST_HOLD"] = "generating:60"
             requests.append({"jsonrpc": "2.0", "id": 2, "method": "generate", "params": {
                 "baseModel": str(tiny_model_dir), "messages": [{"role": "user", "content": "hi"}]}})
-        parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps([HOOKED_ARGV, requests, str(stderr), watch])],
-                                  stdout=subprocess.PIPE, cwd=REPO, env=env)
+        argv = [sys.executable, "-c", PARENT, json.dumps([HOOKED_ARGV, requests, str(stderr), watch])]
+        parent = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=REPO, env=env)
         try:
             pid = int(parent.stdout.readline())
             wait_file(tmp_path / "ready", 60, log)
@@ -188,6 +188,34 @@ class TestBatches:
         assert [r["error"]["code"] for r in answer] == [-32600] * 3
         assert all(r["id"] is None for r in answer)
 
+    def test_notifications_only_get_nothing_and_an_empty_batch_one_error(self, sidecar):
+        sidecar.send_raw(b'[{"jsonrpc":"2.0","method":"status"},{"jsonrpc":"2.0","method":"nope"}]\n')
+        sidecar.send_raw(b"[]\n")
+        err = sidecar.wait_for(lambda m: "error" in m)
+        assert err["error"]["code"] == -32600 and err["id"] is None and "empty batch" in err["error"]["message"]
+        assert sidecar.call("status")["result"]["running"] is None
+        assert not any(isinstance(m, list) for m in sidecar.all)
+        assert len(sidecar.all) == 2
+
+    def test_a_train_in_a_batch_can_be_cancelled_and_holds_the_batch_answer(self, tiny_model_dir, tmp_path, sidecar):
+        train = {"jsonrpc": "2.0", "id": "t", "method": "train", "params": {
+            "baseModel": str(tiny_model_dir), "dataset": chat_dataset(8), "outputPath": str(tmp_path / "out"),
+            "maxSteps": 100_000, "epochs": 1000, "batchSize": 2, "progressInterval": 0, "jobId": "in-batch"}}
+        sidecar.send_raw(json.dumps([train, {"jsonrpc": "2.0", "id": "s", "method": "status"}]).encode() + b"\n")
+        sidecar.wait_for(lambda m: m.get("method") == "progress" and m["params"]["phase"] == "training", 120)
+        assert sidecar.call("status")["result"]["running"]["jobId"] == "in-batch"  # answered meanwhile
+        assert not any(isinstance(m, list) for m in sidecar.all)  # the batch waits for its train
+        sidecar.notify("$/cancelRequest", {"id": "t"})
+        deadline = time.monotonic() + 60
+        while not any(isinstance(m, list) for m in sidecar.all) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = next(m for m in sidecar.all if isinstance(m, list))
+        by_id = {r["id"]: r for r in answer}
+        status = by_id["s"]["result"]
+        assert by_id["t"]["error"]["code"] == -32800
+        assert "in-batch" in [j["jobId"] for j in [status["running"] or {"jobId": None}] + status["queued"]]
+        assert not (tmp_path / "out").exists()
+
 
 # --- 4. a client's mistakes get errors that name the field ------------------------------------------
 
@@ -211,3 +239,168 @@ class TestClientMistakes:
             assert err["code"] == -32602 and err["data"]["field"] == "$.id", (bad, err)
         sidecar.notify("$/cancelRequest", {"id": {"a": 1}})
         assert sidecar.call("status")["result"]["running"] is None
+
+
+# --- the fuzzer -------------------------------------------------------------------------------------
+
+class TestFuzz:
+    def test_fuzzer_and_server_agree_on_the_nesting_limit(self):
+        from sidecar import server
+        from tests import fuzz
+
+        assert fuzz.MAX_DEPTH == server.MAX_NESTING_DEPTH
+
+    def test_10000_fuzzed_messages_are_all_answered_correctly(self):
+        from sidecar import wire
+        from tests import fuzz
+
+        report = fuzz.run(messages=10_000, seed=12, max_bytes=16384, timeout=120)
+        print(json.dumps({k: v for k, v in report.items() if k != "stderrTail"}, indent=1))
+        assert report["ok"], report["problems"]
+        assert report["sent"] == 10_000 and report["missing"] == report["duplicates"] == 0
+        assert report["internalErrors"] == 0 and report["nonProtocolLines"] == 0 and report["exitCode"] == 0
+        families = {k.split("/")[0] for k in report["kinds"]}
+        assert families == {"framing", "request", "batch"}
+        assert len([k for k in report["kinds"] if k.startswith("framing/")]) >= 12
+        fuzzed = (set(wire.METHODS) | set(wire.NOTIFICATIONS_IN)) - set(fuzz.EXCLUDED_METHODS)
+        assert all(report["methods"].get(m, 0) >= 100 for m in fuzzed), report["methods"]
+
+
+# --- crashes: kill -9, stale temporary directories ----------------------------------------------------
+
+def hold_lock(path: Path) -> int:
+    """Hold a claims file's lock as a live sidecar would (flock: per open file, also in one process)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+class TestHousekeeping:
+    def test_the_sweep_removes_what_dead_processes_claimed_and_spares_live_claims(self, tmp_path):
+        from sidecar import housekeeping
+
+        run, adapters, out = tmp_path / "run", tmp_path / "adapters", tmp_path / "elsewhere"
+        for d in (run, adapters, out):
+            d.mkdir()
+        for name in ("adapter.tmp-dead-job", "adapter.tmp-live-job", "adapter-complete"):
+            (out / name).mkdir()
+            (out / name / "adapter_model.safetensors").write_bytes(b"x")
+        (run / "sidecar-1-aaaaaa.claims").write_text(  # dead: nobody holds its lock
+            json.dumps({"claim": 1, "dir": str(out), "glob": "adapter.tmp-*"}) + "\n"
+            + json.dumps({"claim": 2, "dir": str(adapters), "glob": "*.tmp-*"}) + "\n"
+            + json.dumps({"release": 2}) + "\n" + '{"claim": 3, "dir": "/tor')  # a torn last line
+        live = run / "sidecar-2-bbbbbb.claims"
+        live.write_text(json.dumps({"claim": 1, "dir": str(out), "glob": "adapter.tmp-live-*"}) + "\n")
+        fd = hold_lock(live)
+        try:
+            old, recent = adapters / "a-20260101T000000Z.tmp-x", adapters / "b-20260101T000000Z.tmp-y"
+            for d in (old, recent):
+                d.mkdir()
+                (d / "f").write_text("x")
+            two_hours_ago = time.time() - 7200
+            for p in (old / "f", old):
+                os.utime(p, (two_hours_ago, two_hours_ago))
+            removed = housekeeping.sweep(run, adapters)
+        finally:
+            os.close(fd)
+        assert sorted(removed) == sorted([out / "adapter.tmp-dead-job", old])
+        assert (out / "adapter.tmp-live-job").is_dir() and (out / "adapter-complete").is_dir() and recent.is_dir()
+        assert not (run / "sidecar-1-aaaaaa.claims").exists() and live.exists()
+
+    def test_start_never_fails_where_nothing_can_be_written(self, tmp_path):
+        from sidecar import housekeeping
+
+        blocker = tmp_path / "file"
+        blocker.write_text("not a directory")
+        claims, removed = housekeeping.start(run_dir=blocker / "run", adapters_dir=tmp_path / "none")
+        assert claims is None and removed == []
+
+
+def adapter_is_complete(out: Path) -> bool:
+    from safetensors import safe_open
+
+    names = {p.name for p in out.iterdir()}
+    if not {"adapter_model.safetensors", "adapter_config.json", "training_manifest.json"} <= names:
+        return False
+    json.loads((out / "adapter_config.json").read_text())
+    json.loads((out / "training_manifest.json").read_text())
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        return len(list(f.keys())) > 0
+
+
+def leftovers(out: Path) -> list[str]:
+    if not out.parent.is_dir():
+        return []
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + ".tmp-"))
+
+
+class TestKill9:
+    """kill -9 at random moments of a real tiny-model job: the output path holds a complete adapter
+    or nothing, and what a kill leaves (``<out>.tmp-<job>``) is gone after the next start-up."""
+
+    SEEDS = [1, 2, 3, 4]
+
+    @pytest.mark.parametrize("seed", SEEDS)
+    def test_kill_at_a_random_moment(self, seed, tiny_model_dir, tmp_path):
+        import random
+
+        rng = random.Random(seed)
+        data = tmp_path / "data"
+        out = tmp_path / "adapters" / "out"
+        env = {"LORA_SIDECAR_DATA": str(data)}
+        with Sidecar(env=env) as proc:
+            proc.call("status")
+            started = time.monotonic()
+            proc.request("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(8), "outputPath": str(out),
+                                   "maxSteps": 12, "batchSize": 2, "progressInterval": 0, "jobId": f"kill-{seed}"})
+            if seed % 2:  # anywhere in the job (it takes a few seconds here: loading, training, saving)
+                time.sleep(rng.uniform(0.2, 10.0))
+            else:  # while the temporary directory exists
+                deadline = time.monotonic() + 120
+                while not leftovers(out) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.proc.wait(10)
+            killed_after = time.monotonic() - started
+        left = leftovers(out)
+        assert not out.exists() or adapter_is_complete(out), f"partial adapter at {out}"
+        if seed % 2 == 0:
+            assert left or out.exists(), "the kill was meant to hit the saving phase"
+        with Sidecar(env=env) as proc:  # the next start-up sweeps what the dead job claimed
+            assert proc.call("status")["result"]["running"] is None
+            assert leftovers(out) == [], proc.stderr()
+            if left:
+                assert "removed 1 temporary directory" in proc.stderr()
+            assert proc.close() == 0
+        print(f"seed {seed}: killed after {killed_after:.2f} s; output {'complete' if out.exists() else 'absent'};"
+              f" left {left}")
+
+
+# --- soak ---------------------------------------------------------------------------------------------
+
+class TestSoak:
+    JOBS = 20
+
+    def test_repeated_train_and_generate_jobs_keep_memory_flat(self, tiny_model_dir, tmp_path):
+        from tests.sidecar_proc import rss_bytes
+
+        rss = []
+        with Sidecar(env={"LORA_SIDECAR_DATA": str(tmp_path / "data")}) as proc:
+            for i in range(self.JOBS):
+                out = tmp_path / f"a{i}"
+                result = proc.call("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(8),
+                                             "outputPath": str(out), "maxSteps": 4, "batchSize": 2}, timeout=300)
+                assert result["result"]["status"] == "completed", result
+                gen = proc.call("generate", {"baseModel": str(tiny_model_dir), "adapterPath": str(out),
+                                             "messages": [{"role": "user", "content": "Hello"}], "maxNewTokens": 8})
+                assert gen["result"]["tokens"] >= 1, gen
+                rss.append(rss_bytes(proc.proc.pid))
+            assert proc.close() == 0
+            assert proc.bad_output == []
+        warm, last = rss[4], rss[-1]
+        growth = (last - warm) / warm
+        print(f"RSS after job 5: {warm / 2**20:.0f} MiB, after job {self.JOBS}: {last / 2**20:.0f} MiB "
+              f"({growth:+.1%}); all: {[round(r / 2**20) for r in rss]}")
+        assert growth < 0.05, f"RSS grew {growth:.1%} from job 5 to job {self.JOBS}"
