@@ -95,15 +95,19 @@ class Agreement:
 
 # Tolerances, stated once. The bare base already differs between the runtimes (llama.cpp computes
 # on the Q4_1 weights with quantized activations): on the 93 tokens of TEXT, measured here max
-# 0.36 nat, mean 0.066. An adapter moves the model to where that difference grows (measured with
-# correct exports: max 0.68-0.76, mean about 2x the bare mean), so the adapted log-probabilities
-# must agree within SLACK × the bare difference measured in the same run. The adapter's effect
-# (adapted minus base, per token; up to 13 nat on the fact) must match in size and direction:
-# least-squares slope of llama.cpp's effect on PEFT's within 10 %, relative RMS error ≤ 15 %.
-# A scale off by the rsLoRA factor √r (2.8 at rank 8) misses these by far.
+# 0.36 nat, 95th percentile 0.21, mean 0.066. An adapter moves the model to where that noise grows
+# (correct exports of trained adapters, measured: max 0.51-1.11, p95 0.23-0.48, mean 0.06-0.10), so
+# the adapted log-probabilities must agree within SLACK × the bare difference measured in the same
+# run (mean and p95; the max, an extreme of 93 noisy values, within MAX_SLACK ×). The adapter's
+# effect (adapted minus base log-prob per token, up to 13 nat on the fact) must match in size and
+# direction: least-squares slope of llama.cpp's effect on PEFT's within 10 %, relative RMS error
+# ≤ 20 % (measured 0.056-0.10). Scales off by 1.5× or by the rsLoRA factor √r miss by far
+# (measured: mean 0.38-0.84, p95 ≥ 2.6, relative effect error 0.37-0.49). The tight proof is the
+# f32-base check below (PRECISE_TOL); this one shows the export works on the file the app uses.
 SLACK = 3.0
+MAX_SLACK = 5.0
 MAX_SLOPE_ERROR = 0.10
-MAX_RELATIVE_EFFECT_ERROR = 0.15
+MAX_RELATIVE_EFFECT_ERROR = 0.20
 
 
 def compare_runtimes(base_torch, base_llama, adapted_torch, adapted_llama) -> Agreement:
@@ -114,14 +118,18 @@ def compare_runtimes(base_torch, base_llama, adapted_torch, adapted_llama) -> Ag
     eff_t, eff_l = ad_t - base_t, ad_l - base_l
     slope = float(eff_l @ eff_t / (eff_t @ eff_t))
     relative = float(np.linalg.norm(eff_l - eff_t) / np.linalg.norm(eff_t))
-    stats = {"bareMax": float(bare.max()), "bareMean": float(bare.mean()), "adaptedMax": float(adapted.max()),
-             "adaptedMean": float(adapted.mean()), "effectMax": float(np.abs(eff_t).max()), "slope": slope,
-             "relativeEffectError": relative, "correlation": float(np.corrcoef(eff_l, eff_t)[0, 1])}
+    p95 = (float(np.quantile(bare, 0.95)), float(np.quantile(adapted, 0.95)))
+    stats = {"bareMax": float(bare.max()), "bareP95": p95[0], "bareMean": float(bare.mean()),
+             "adaptedMax": float(adapted.max()), "adaptedP95": p95[1], "adaptedMean": float(adapted.mean()),
+             "effectMax": float(np.abs(eff_t).max()), "slope": slope, "relativeEffectError": relative,
+             "correlation": float(np.corrcoef(eff_l, eff_t)[0, 1])}
     problems = []
-    if adapted.max() > SLACK * bare.max():
-        problems.append(f"adapted max diff {adapted.max():.3f} > {SLACK} x bare max {bare.max():.3f}")
     if adapted.mean() > SLACK * bare.mean():
         problems.append(f"adapted mean diff {adapted.mean():.3f} > {SLACK} x bare mean {bare.mean():.3f}")
+    if p95[1] > SLACK * p95[0]:
+        problems.append(f"adapted p95 diff {p95[1]:.3f} > {SLACK} x bare p95 {p95[0]:.3f}")
+    if adapted.max() > MAX_SLACK * bare.max():
+        problems.append(f"adapted max diff {adapted.max():.3f} > {MAX_SLACK} x bare max {bare.max():.3f}")
     if abs(slope - 1) > MAX_SLOPE_ERROR:
         problems.append(f"effect slope {slope:.3f} (llama.cpp vs PEFT), not within {MAX_SLOPE_ERROR} of 1")
     if relative > MAX_RELATIVE_EFFECT_ERROR:
@@ -456,14 +464,15 @@ def smol_sidecar():
 
 def train_smol(proc: Sidecar, out: Path, **params) -> Path:
     response = proc.call("train", {"baseModel": "default", "datasetPath": str(dataset_path()), "outputPath": str(out),
-                                   "batchSize": 4, "warmupRatio": 0.1, **params}, timeout=1800)
+                                   "batchSize": 2, "warmupRatio": 0.1, **params}, timeout=1800)
     assert "result" in response, response
     return out
 
 
 @pytest.fixture(scope="module")
 def plain_adapter(smol_sidecar, tmp_path_factory) -> Path:
-    # 10 steps at a high learning rate teach the demo's fact (final loss about 0.02).
+    # 10 steps of 2 examples at a high learning rate teach the demo's fact (final loss about 0.1; the
+    # adapted answer's tokens all have log-probability > -0.2).
     return train_smol(smol_sidecar, tmp_path_factory.mktemp("smol") / "plain", maxSteps=10, learningRate=3e-3,
                       rank=16, alpha=32)
 
@@ -597,7 +606,7 @@ class TestGgufLoraAgainstLlamaCpp:
         agreement = compare_runtimes(torch_logprobs(None), base_l, torch_logprobs(rslora_adapter), adapted_l)
         print("wrong scale", json.dumps(agreement.stats))
         assert not agreement.ok
-        assert any("slope" in p for p in agreement.problems), agreement.problems
+        assert len(agreement.problems) >= 3, agreement.problems  # not a near miss
         (precise,) = llama_logprobs(f32_base_gguf, text_ids, str(path), f32_cache=True)
         assert np.abs(precise - torch_logprobs(rslora_adapter)).max() > 100 * PRECISE_TOL
 
