@@ -80,6 +80,7 @@ def run(settings: JobSettings, workdir: Path) -> dict[str, Any]:
     with env_var("LORA_SIDECAR_DATA", str(workdir / "data")), env_var("LORA_SIDECAR_THREADS", str(settings.threads)), \
             torch_threads(settings.threads):
         _job({**base, "maxSteps": 2}, models, workdir, "warmup")
+        threads_used = torch.get_num_threads()
         for name, change in ROWS:
             print(f"checkpointing row {name} ...", file=sys.stderr, flush=True)
             r = _job({**base, **change}, models, workdir, f"ckpt-{name}")
@@ -96,7 +97,7 @@ def run(settings: JobSettings, workdir: Path) -> dict[str, Any]:
     return {
         "format": "lora-sidecar.bench-checkpointing/1",
         "settings": settings.to_dict(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads_used,
         "reference_tokens_per_s": ref,
         "noise": abs(by["off"]["tokens_per_s"] - by["off_repeat"]["tokens_per_s"]) / ref,
         "per_checkpoint_s": per_checkpoint,
