@@ -158,6 +158,9 @@ def _resolve(params: wire.GenerateParams, loaded: Any, models: Any, registry: An
                     f"{loaded.device}, {str(loaded.dtype).removeprefix('torch.')}); pass baseModel "
                     f"{resident.base_name!r}", id=resident.id, field="$.baseModel", baseModel=params.base_model,
                     adapterBase=resident.base_name)
+            if any(r is resident for r, _ in variant):
+                raise errors.InvalidParams(f"Adapter {resident.id} appears twice in one set (by id and by path); "
+                                           "give it once with the sum of the scales", field=f"{where}[{k}]")
             variant.append((resident, ref.scale))
             used.append(resident)
         variants.append(variant)

@@ -139,6 +139,9 @@ def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegi
             sources.append(outcome.resident)
             evicted += outcome.evicted
             protect.add(outcome.resident.id)
+        if any(s is sources[-1] for s in sources[:-1]):
+            raise errors.InvalidParams(f"Source {sources[-1].id} appears twice (by id and by path)",
+                                       field=f"$.sources[{k}]")
     _check_sources(p, sources)
     loaded = base_of(models, sources[0])
 

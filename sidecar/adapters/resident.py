@@ -70,7 +70,7 @@ def budget_from_env() -> int:
     return int(mb * 2**20)
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field (fields hold tensors)
 class Resident:
     """One adapter in memory. ``tensors`` maps a module path of the base (``model.layers.0.self_attn.q_proj``)
     to its (A, B): A is (r, in_features), B is (out_features, r)."""
