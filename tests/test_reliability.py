@@ -81,6 +81,35 @@ def test_a_dead_stdout_never_raises_and_leaves_nothing_buffered():
     writer.close()
 
 
+def test_an_os_error_on_a_client_path_becomes_a_path_error_naming_the_field(tmp_path):
+    import io
+
+    from sidecar import errors, wire
+    from sidecar.server import Server, path_error
+    from sidecar.stdio import FrameReader, MessageWriter
+
+    err = path_error(PermissionError(13, "Permission denied", f"{tmp_path}/out.tmp-job"),
+                     {"baseModel": "m", "outputPath": str(tmp_path / "out")})
+    assert err.CODE == -32040 and err.data["field"] == "$.outputPath" and err.data["errno"] == "EACCES"
+    assert path_error(PermissionError(13, "Permission denied", "/etc/other"), {"outputPath": "/tmp/x"}) is None
+    assert path_error(ValueError("not an OSError"), {"outputPath": "/tmp/x"}) is None
+
+    server = Server(FrameReader(io.BytesIO()), MessageWriter(io.BytesIO()))
+    try:
+        params = wire.decode_params({"datasetPath": str(tmp_path / "data.jsonl")}, wire.TrainParams)
+
+        def failing(job, report, should_stop):
+            raise IsADirectoryError(21, "Is a directory", str(tmp_path / "data.jsonl"))
+
+        server._run_train = failing
+        job = server.jobs.submit("train", params, job_id="j", base_model="m", received_at=time.time())
+        with pytest.raises(errors.PathError) as caught:
+            job.future.result(30)
+        assert caught.value.data["field"] == "$.datasetPath" and "Is a directory" in caught.value.message
+    finally:
+        server.jobs.stop(5)
+
+
 # --- 2. the sidecar never outlives its parent ---------------------------------------------------------
 
 # A parent that starts the sidecar, prints its pid, sends the requests given, and drains the
