@@ -171,25 +171,20 @@ def deepest_path(value: Any, limit: int) -> str:
     return "$"
 
 
-def _strings(value: Any, at: str, depth: int = 0) -> Iterator[tuple[str, str]]:
-    """(JSON path, string) for the strings near the top of params: where paths live."""
-    if depth > 4:
-        return
-    if isinstance(value, msgspec.Struct):
-        value = {f.encode_name: getattr(value, f.name) for f in msgspec.structs.fields(type(value))}
-    if isinstance(value, str):
-        yield at, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield from _strings(v, f"{at}.{k}", depth + 1)
-    elif isinstance(value, list) and len(value) <= 64:
-        for i, v in enumerate(value):
-            yield from _strings(v, f"{at}[{i}]", depth + 1)
+def _candidate_paths(params: Any) -> Iterator[tuple[str, str]]:
+    """(JSON path, value) of what may be a path the client gave: the path fields of a decoded params
+    Struct, or the top-level strings of raw params."""
+    if isinstance(params, msgspec.Struct):
+        yield from wire.path_fields(params)
+    elif isinstance(params, dict):
+        for k, v in params.items():
+            if isinstance(v, str):
+                yield f"$.{k}", v
 
 
 def path_error(exc: BaseException, params: Any) -> errors.PathError | None:
     """A PathError naming the params field when ``exc`` is an OSError about a path the client gave
-    (the path itself, or something inside or beside it such as ``<outputPath>.tmp-<job>``)."""
+    (the path itself, something inside it, or its ``<path>.tmp-<job>`` sibling)."""
     if not isinstance(exc, OSError):
         return None
     names = [str(n) for n in (exc.filename, exc.filename2) if isinstance(n, (str, bytes, os.PathLike))]
@@ -198,12 +193,12 @@ def path_error(exc: BaseException, params: Any) -> errors.PathError | None:
             target = os.path.abspath(name)
         except (TypeError, ValueError):
             continue
-        for at, value in _strings(params, "$"):
+        for at, value in _candidate_paths(params):
             try:
                 given = os.path.abspath(os.path.expanduser(value))
             except (TypeError, ValueError):
                 continue
-            if target == given or target.startswith(given):
+            if target == given or target.startswith((given + os.sep, given + ".tmp-")):
                 reason = exc.strerror or type(exc).__name__
                 return errors.PathError(f"`{at}`: {reason}: {_clip(name, 200)}", field=at, path=name,
                                         reason=reason, errno=errno_names.errorcode.get(exc.errno or 0))

@@ -829,6 +829,12 @@ def _path_plan(cls: type) -> tuple[tuple[str, str, str, Any], ...]:
     return tuple(plan)
 
 
+def path_fields(obj: Any) -> Iterator[tuple[str, str]]:
+    """(JSON path, value) of every path field set in a params Struct (see ``PathText``)."""
+    for at, value, _ in _path_values(obj, "$"):
+        yield at, value
+
+
 def _path_values(obj: Any, at: str) -> Iterator[tuple[str, str, dict[str, int]]]:
     if not isinstance(obj, msgspec.Struct):
         return
