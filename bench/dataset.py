@@ -274,6 +274,11 @@ _UNITS = [("litres", "gallons", 0.264172), ("kilograms", "pounds", 2.20462), ("m
           ("kilometres", "miles", 0.621371)]
 
 
+def _single_turn(pairs) -> list[dict]:
+    """One user turn and one assistant turn per (question, answer), in order."""
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in pairs]
+
+
 def _short_pair(i: int, rng: random.Random) -> tuple[str, str]:
     kind = i % 4
     if kind == 0:
@@ -303,11 +308,7 @@ def build_short_examples(seed: int = SEED, count: int = 48) -> list[dict]:
     """Short single-turn chats of nearly uniform length (about 90-110 tokens with the template's
     default system prompt): where matrices are small and per-layer overhead dominates."""
     rng = random.Random(seed + 1)
-    out = []
-    for i in range(count):
-        q, a = _short_pair(i, rng)
-        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-    return out
+    return _single_turn(_short_pair(i, rng) for i in range(count))
 
 
 _SECTIONS = ["Background", "Progress", "Risks", "Budget", "Staffing", "Schedule", "Customer feedback", "Next steps"]
@@ -343,11 +344,7 @@ def build_long_examples(seed: int = SEED, count: int = 16) -> list[dict]:
     """Long single-turn chats (a ~700-900-token report to summarise): long rows, big matrices,
     attention cost growing with length."""
     rng = random.Random(seed + 2)
-    out = []
-    for i in range(count):
-        q, a = _report(i, rng)
-        out.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
-    return out
+    return _single_turn(_report(i, rng) for i in range(count))
 
 
 SHAPES = {"chat": (DATA_PATH, build_examples), "short": (SHORT_PATH, build_short_examples),
