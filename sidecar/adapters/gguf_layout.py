@@ -67,15 +67,19 @@ def permute_rows(w: Any, n_head: int) -> Any:
 
 
 def read_config(base: Any) -> dict[str, Any]:
-    """The base's config as a plain dict: config.json read directly (so an unknown model_type is
-    reported as such, not as a load failure), or transformers' reading of a .gguf base."""
-    config_file = Path(base.hf_path) / "config.json"
-    if base.hf_gguf_file is None and config_file.is_file():
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    else:
-        from .source import base_config
+    """The base's config as a plain dict, with transformers' defaults filled in (``config.json``
+    leaves out values equal to the class defaults, e.g. Llama's ``tie_word_embeddings=False``). A
+    config transformers cannot read (an unknown ``model_type``) is read as plain JSON, so that the
+    architecture is reported as such rather than as a load failure."""
+    from .source import base_config
 
+    try:
         config = base_config(base).to_dict()
+    except errors.ModelLoadFailed:
+        config_file = Path(base.hf_path) / "config.json"
+        if base.hf_gguf_file is not None or not config_file.is_file():
+            raise
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     if "num_hidden_layers" not in config and isinstance(config.get("text_config"), dict):
         return {"tie_word_embeddings": config.get("tie_word_embeddings"), **config["text_config"]}
     return config
