@@ -267,6 +267,8 @@ class Server:
             self.stack.strip()
             result = train(job.params, job_id=job.job_id, models=self.models, report=report,
                            should_stop=should_stop, received_at=job.received_at)
+        if job.params.export:
+            result = self._train_exports(job.params, result)
         if job.params.load:
             p = job.params
             try:
@@ -277,6 +279,19 @@ class Server:
                     f"The adapter was written but not made resident: {exc.message}"])
             return msgspec.structs.replace(result, adapter_id=outcome.resident.id)
         return result
+
+    def _train_exports(self, p: wire.TrainParams, result: wire.TrainResult) -> wire.TrainResult:
+        """The exports a train job ends with; a failed one is a warning (the adapter is written)."""
+        from .adapters.export import export_adapter
+
+        done, notes = [], []
+        for i, spec in enumerate(p.export or []):
+            try:
+                done.append(export_adapter(result.adapter_path, spec.format, output_path=spec.output_path,
+                                           out_type=spec.out_type, base_model=p.base_model, models=self._models))
+            except errors.SidecarError as exc:
+                notes.append(f"export[{i}] ({spec.format}) was not written: {exc.message} (code {exc.CODE})")
+        return msgspec.structs.replace(result, exports=done, warnings=result.warnings + notes)
 
     @property
     def supervisor(self):

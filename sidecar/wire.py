@@ -142,6 +142,15 @@ class Distributed(Wire, kw_only=True):
     """torch.distributed backend; default nccl on CUDA, gloo on CPU."""
 
 
+class TrainExport(Wire, kw_only=True):
+    """One export a ``train`` job ends with (as ``adapters/export`` of the new adapter)."""
+
+    format: "ExportFormat"
+    out_type: Optional["OutType"] = None
+    output_path: Optional[PathText] = None
+    """Default: under ``<adapter>/exports/``."""
+
+
 class TrainParams(Wire, kw_only=True):
     """Parameters of ``train``: a superset of the TypeScript ``LoRATrainingRequest``.
 
@@ -202,6 +211,10 @@ class TrainParams(Wire, kw_only=True):
 
     load: bool = False
     """Also make the new adapter resident (as ``adapters/load`` would) and return its ``adapterId``."""
+    export: Optional[Annotated[list[TrainExport], Meta(max_length=8)]] = None
+    """Exports written once the adapter is saved (``gguf-lora``, ``merged``, ``merged-gguf``); each
+    result is in ``TrainResult.exports``. An export that fails leaves the adapter in place and says why
+    in ``warnings``."""
     checkpoint_every: Optional[NonNegInt] = None
     """Write a checkpoint every N optimizer steps (0: not by steps)."""
     checkpoint_seconds: Optional[Annotated[float, Meta(ge=0)]] = None
@@ -263,6 +276,8 @@ class TrainResult(Wire, kw_only=True):
     warnings: list[str] = []
     adapter_id: Optional[str] = None
     """With ``load: true``: the id of the adapter, now resident (null if it could not be; see warnings)."""
+    exports: list["ExportResult"] = []
+    """With ``export``: one result per export that was written, in request order."""
 
 
 class Progress(Wire, kw_only=True):

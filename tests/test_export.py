@@ -353,6 +353,26 @@ class TestAtomicAndRecorded:
         assert replaced["sha256"] == result["sha256"]
         assert len(json.loads((adapter / "training_manifest.json").read_text())["exports"]) == 1
 
+    def test_a_train_job_ends_with_its_exports(self, tiny_sidecar, tiny_model_dir, tmp_path):
+        """``train {export: [...]}``: the adapter is written, then each export; a format the base cannot
+        take is a warning, not a failed job."""
+        out = tmp_path / "trained"
+        response = tiny_sidecar.call("train", {
+            "baseModel": str(tiny_model_dir), "dataset": chat_dataset(4), "outputPath": str(out), "maxSteps": 2,
+            "batchSize": 2, "export": [{"format": "gguf-lora", "outType": "q8_0"}, {"format": "merged-gguf"}]},
+            timeout=300)
+        result = response["result"]
+        (done,) = result["exports"]
+        target = out / "exports" / "lora-q8_0.gguf"
+        assert done["format"] == "gguf-lora" and done["outType"] == "q8_0" and done["outputPath"] == str(target)
+        assert target.is_file() and done["bytes"] == target.stat().st_size
+        assert [e["sha256"] for e in json.loads((out / "training_manifest.json").read_text())["exports"]] == \
+            [done["sha256"]]
+        assert any("export[1] (merged-gguf) was not written" in w and "-32030" in w for w in result["warnings"])
+        bad = tiny_sidecar.call("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
+                                          "export": [{"format": "zip"}]})
+        assert bad["error"]["code"] == -32602 and bad["error"]["data"]["field"] == "$.export[0].format"
+
     def test_injected_failures_leave_nothing_at_the_output_path(self, tiny_adapter, tmp_path, monkeypatch):
         import gguf
 

@@ -571,6 +571,14 @@ export interface SupportsResult {
   model: ModelCheck | null;
 }
 
+/** One export a `train` job ends with (as `adapters/export` of the new adapter). */
+export interface TrainExport {
+  format: "gguf-lora" | "merged" | "merged-gguf";
+  outType?: "bf16" | "f16" | "f32" | "q8_0" | null;
+  /** Constraints: length >= 1, length <= 4096. */
+  outputPath?: string | null;
+}
+
 export interface TrainMetrics {
   trainLoss: number;
   finalLoss: number;
@@ -728,6 +736,8 @@ export interface TrainParams {
   progressInterval?: number;
   /** @default false */
   load?: boolean;
+  /** Constraints: items <= 8. */
+  export?: TrainExport[] | null;
   /** Constraints: an integer, >= 0. */
   checkpointEvery?: number | null;
   /** Constraints: >= 0. */
@@ -757,6 +767,8 @@ export interface TrainResult {
   /** @default [] */
   warnings: string[];
   adapterId: string | null;
+  /** @default [] */
+  exports: ExportResult[];
 }
 
 /** One adapter set of an exam (empty: the bare base model); `id` is echoed in its answers. */
