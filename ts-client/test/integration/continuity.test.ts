@@ -19,12 +19,13 @@ describe("resumeInterrupted with the real sidecar", () => {
   let client: SidecarClient;
 
   before(() => {
-    requireEnvironment();
+    const envDir = requireEnvironment();
     model = tinyModel();
     out = tempDir("continuity");
     // Its own data directory (journal, checkpoints); one compute thread keeps the tiny model fast
-    // on a shared machine and the two processes on the same arithmetic.
-    const env = { LORA_SIDECAR_DATA: join(out, "data"), LORA_SIDECAR_THREADS: "1" };
+    // on a shared machine and the two processes on the same arithmetic. The environment is named
+    // explicitly: by default the wrapper looks for it under the data directory.
+    const env = { LORA_SIDECAR_DATA: join(out, "data"), LORA_SIDECAR_ENV: envDir, LORA_SIDECAR_THREADS: "1" };
     client = new SidecarClient({ autoRestart: true, env });
   });
 
