@@ -299,6 +299,20 @@ class TestRefusals:
         error = self.refused(tiny_sidecar, adapter, "gguf-lora", "architecture", "merged", tmp_path)
         assert "gguf has no tensor map for this architecture" in error["message"]
 
+    def test_export_by_resident_id_and_a_changed_file_is_refused(self, tiny_sidecar, tiny_adapter, tmp_path):
+        adapter = copy_adapter(tiny_adapter, tmp_path / "a")
+        loaded = tiny_sidecar.call("adapters/load", {"path": str(adapter), "id": "export-me"})["result"]
+        by_id = tiny_sidecar.call("adapters/export", {"id": "export-me", "format": "gguf-lora",
+                                                      "outputPath": str(tmp_path / "by-id.gguf")})["result"]
+        assert by_id["adapterPath"] == str(adapter) and (tmp_path / "by-id.gguf").is_file()
+        weights = adapter / "adapter_model.safetensors"  # the resident id no longer describes the file
+        weights.write_bytes(weights.read_bytes() + b" ")
+        changed = tiny_sidecar.call("adapters/export", {"id": "export-me", "format": "gguf-lora",
+                                                        "outputPath": str(tmp_path / "changed.gguf")})
+        assert changed["error"]["code"] == -32018 and "changed" in changed["error"]["message"]
+        assert not (tmp_path / "changed.gguf").exists() and loaded["id"] == "export-me"
+        tiny_sidecar.call("adapters/unload", {"id": "export-me"})
+
     def test_merged_gguf_needs_a_gguf_base(self, tiny_sidecar, tiny_adapter, tmp_path):
         adapter = copy_adapter(tiny_adapter, tmp_path / "a")
         self.refused(tiny_sidecar, adapter, "merged-gguf", "base-not-gguf", "Export 'merged'", tmp_path)
@@ -308,7 +322,7 @@ class TestRefusals:
                                                      "format": "gguf-lora"})
         assert both["error"]["code"] == -32602
         unknown_id = tiny_sidecar.call("adapters/export", {"id": "nope", "format": "gguf-lora"})
-        assert unknown_id["error"]["code"] == -32018 and "adapterPath" in unknown_id["error"]["message"]
+        assert unknown_id["error"]["code"] == -32018 and "'nope'" in unknown_id["error"]["message"]
         fmt = tiny_sidecar.call("adapters/export", {"adapterPath": str(tiny_adapter), "format": "onnx"})
         assert fmt["error"]["code"] == -32602 and fmt["error"]["data"]["field"] == "$.format"
         q8_merged = export(tiny_sidecar, tiny_adapter, "merged", outType="q8_0")
