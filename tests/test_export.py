@@ -531,10 +531,10 @@ def text_ids() -> list[int]:
 @pytest.fixture(scope="module")
 def torch_logprobs(text_ids):
     """Teacher-forced log-probabilities from the sidecar's own path: the warm ModelCache model with
-    the PEFT adapter attached (engine.attached_adapter), exactly as ``generate`` applies it."""
+    the PEFT adapter attached (surgery.attached_adapter), exactly as ``generate`` applies it."""
     import torch
 
-    from sidecar import engine
+    from sidecar.adapters import surgery
     from sidecar.models import ModelCache
 
     cache = ModelCache(max_models=1)
@@ -544,7 +544,7 @@ def torch_logprobs(text_ids):
     def logprobs(adapter: Path | None) -> np.ndarray:
         key = str(adapter)
         if key not in computed:
-            with engine.attached_adapter(loaded, str(adapter) if adapter else None) as model, torch.no_grad():
+            with surgery.attached_adapter(loaded, str(adapter) if adapter else None) as model, torch.no_grad():
                 logits = model(torch.tensor([text_ids])).logits[0].double()
             lp = torch.log_softmax(logits, -1)[torch.arange(len(text_ids) - 1), torch.tensor(text_ids[1:])]
             computed[key] = lp.numpy()
