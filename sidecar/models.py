@@ -543,6 +543,8 @@ class _Shared:
     def __init__(self) -> None:
         self.fingerprint: str | None = None
         self.lock = threading.Lock()
+        self.compute: dict[str, Any] = {}
+        """What training derives from the weights once and keeps with them (training/bf16.py's copies)."""
 
 
 @dataclass
@@ -576,6 +578,24 @@ class LoadedModel:
             if self._shared.fingerprint is None:
                 self._shared.fingerprint = compute_fingerprint(self.model)
             return self._shared.fingerprint
+
+    def compute_store(self) -> dict[str, Any]:
+        """Per-entry store for derived weights (kept as long as the model stays cached)."""
+        return self._shared.compute
+
+    def total_bytes(self) -> int:
+        """``nbytes`` plus what was derived from the weights since (the cache's budget counts both)."""
+        return self.nbytes + _tensor_bytes(self._shared.compute)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    numel = getattr(obj, "numel", None)
+    return numel() * obj.element_size() if numel is not None and hasattr(obj, "element_size") else 0
 
 
 def compute_fingerprint(model: PreTrainedModel) -> str:
@@ -707,7 +727,7 @@ class ModelCache:
             return
         with self._lock:
             victims = []
-            while sum(e.nbytes for e in self._entries.values()) > self.max_bytes:
+            while sum(e.total_bytes() for e in self._entries.values()) > self.max_bytes:
                 oldest = next(iter(self._entries))
                 if oldest == protect:
                     break

@@ -23,6 +23,7 @@ splitting happen within one).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ from .. import __version__, data, errors, library_versions, paths, wire
 from ..adapters.surgery import attach_lora, detach_lora, snapshot
 from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
 from ..models import apply_thread_setting
-from . import checkpoint, resume
+from . import bf16, checkpoint, resume
 from .early_stop import EarlyStopper
 from .loss import evaluate, supports_selective_logits
 from .schedule import lr_multiplier
@@ -261,6 +262,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     peft_model = None
     tmp: Optional[Path] = None
     renamed = False
+    patches = contextlib.ExitStack()  # engine patches on the base model, undone before the LoRA layers go
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
@@ -282,6 +284,9 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             from . import fastlora
 
             fused_lora = fastlora.patch(peft_model)
+        bf16_layers = 0
+        if bf16.wanted(params.dtype, device, loaded.dtype, loaded.key[3] is not None, world.size):
+            bf16_layers = patches.enter_context(bf16.bf16_matmuls(lm, loaded.compute_store()))
         micro_tokens = params.micro_batch_tokens
         if micro_tokens is None:
             micro_tokens = CPU_MICRO_BATCH_TOKENS if device == "cpu" else 0
@@ -500,7 +505,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
             train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
             adapter_file=adapter_file, selective=selective, target=target, fused_lora=fused_lora,
-            micro_tokens=micro_tokens, world=world,
+            micro_tokens=micro_tokens, world=world, bf16_layers=bf16_layers,
         )
         manifest.update(continuity)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -531,6 +536,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         raise errors.TrainingFailed(f"Training failed: {type(exc).__name__}: {exc}", jobId=job_id,
                                     stepsCompleted=prog.step) from exc
     finally:
+        patches.close()
         detach_lora(model, peft_model, before)
         if tmp is not None and not renamed:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -542,7 +548,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
               warnings: list[str], adapter_file: Path, selective: bool, target: Path,
-              fused_lora: int, micro_tokens: int, world: World) -> dict[str, Any]:
+              fused_lora: int, micro_tokens: int, world: World, bf16_layers: int) -> dict[str, Any]:
     from .. import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
@@ -576,7 +582,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "lossHistory": prog.history,
         "validationHistory": prog.validation_history,
         "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
-                   "fusedLoraLayers": fused_lora, "microBatchTokens": micro_tokens,
+                   "fusedLoraLayers": fused_lora, "bf16MatmulLayers": bf16_layers, "microBatchTokens": micro_tokens,
                    "gradientCheckpointing": params.gradient_checkpointing, "distributed": world.describe()},
         "warnings": warnings,
         "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(adapter_file),

@@ -1,0 +1,118 @@
+"""bf16 matmuls over an fp32 model, for training on CPUs with native bf16 (AVX512_BF16 or AMX).
+
+What changes: every frozen ``nn.Linear`` of the decoder (the base side of each adapted projection,
+and the projections left unadapted) multiplies in bf16: its input is rounded to bf16, multiplied by
+a bf16 copy of its weight (fp32 accumulation inside oneDNN), and the product is returned as fp32.
+What stays fp32: the model's own weights (the bf16 copies sit beside them), the residual stream,
+norms, attention, the LoRA A/B weights and their matmuls, the gradients, AdamW's state, the LM head
+and the loss. That is autocast's rule for linear layers, without autocast's cost: autocast re-casts
+a frozen weight on every call (its cast cache keeps only leaves that require grad), which measured
+slower than plain fp32 here; the copies below are made once per base model and kept with it in the
+model cache, so a warm job pays nothing for them.
+
+When: ``dtype: "auto"`` on a CPU whose instruction set has native bf16 dot products (detected at run
+time), a single-process job on an fp32, unquantized base. ``dtype: "float32"`` keeps every matmul in
+fp32 (the exact path), and CPUs without native bf16 never take this one. The speed and the adapter's
+quality at equal tokens are measured in docs/PERFORMANCE.md ("bf16 matmuls").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    probe = getattr(torch, "cpu", None)
+    try:
+        return bool(probe._is_avx512_bf16_supported() or probe._is_amx_tile_supported())
+    except AttributeError:  # an older or newer torch without the probes: read the CPU flags
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def wanted(requested_dtype: str | None, device: str, weights_dtype: torch.dtype, quantized: bool,
+           world_size: int) -> bool:
+    """Whether a training job takes bf16 matmuls (see the module doc for the rule)."""
+    return ((requested_dtype or "auto").lower() == "auto" and device == "cpu" and weights_dtype == torch.float32
+            and not quantized and world_size == 1 and cpu_has_native_bf16())
+
+
+class _Bf16Linear(torch.autograd.Function):
+    """``linear(x.bf16(), w16).float()`` (+ fp32 bias). The weight is frozen: only x gets a gradient,
+    ``grad.bf16() @ w16`` in fp32. Nothing but the shared bf16 weight is kept for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(w16)
+        y = torch.nn.functional.linear(x.to(torch.bfloat16), w16).to(x.dtype)
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (w16,) = ctx.saved_tensors
+        grad_x = (grad.to(torch.bfloat16) @ w16).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if self.weight.requires_grad or x.dtype != torch.float32:  # not a frozen fp32 layer any more
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    return _Bf16Linear.apply(x, self._bf16_weight, self.bias)
+
+
+def _frozen_linears(lm: Any) -> list[tuple[str, torch.nn.Linear]]:
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return [(name, m) for name, m in lm.named_modules()
+            if type(m) is torch.nn.Linear and m is not head and m.weight.dtype == torch.float32
+            and not m.weight.requires_grad]
+
+
+def weight_copies(lm: Any, store: dict[str, Any]) -> dict[int, torch.Tensor]:
+    """bf16 copies of the frozen linear weights, made once per base model and kept in ``store`` (the
+    cache entry's shared state); a weight changed in place since (its version counter moved) is copied
+    again. Keyed by the module's id: the Linear objects stay the same while peft wraps them."""
+    copies: dict[int, tuple[int, torch.Tensor]] = store.setdefault("bf16_weights", {})
+    out: dict[int, torch.Tensor] = {}
+    for _, module in _frozen_linears(lm):
+        w = module.weight
+        have = copies.get(id(module))
+        if have is None or have[0] != w._version:
+            have = (w._version, w.detach().to(torch.bfloat16))
+            copies[id(module)] = have
+        out[id(module)] = have[1]
+    return out
+
+
+@contextlib.contextmanager
+def bf16_matmuls(lm: Any, store: dict[str, Any]) -> Iterator[int]:
+    """Route the frozen linear layers of ``lm`` through bf16 matmuls for the duration; yields their count.
+
+    The patch is an instance attribute on each layer, removed on the way out, whatever happened.
+    """
+    copies = weight_copies(lm, store)
+    patched: list[torch.nn.Linear] = []
+    try:
+        for _, module in _frozen_linears(lm):
+            module._bf16_weight = copies[id(module)]
+            module.forward = types.MethodType(_forward, module)
+            patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop("_bf16_weight", None)
