@@ -88,7 +88,9 @@ class JobSettings:
             "seed": self.seed,
             "lossOn": "assistant",
             "device": "cpu",
-            "dtype": "float32",
+            # The engine's default: fp32 weights, and bf16 matmuls where the CPU has native bf16
+            # (sidecar/training/bf16.py); the lever table measures dtype float32 against it.
+            "dtype": "auto",
         }
         if self.max_steps is not None:
             params["maxSteps"] = self.max_steps

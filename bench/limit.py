@@ -63,6 +63,14 @@ def flops_per_token(shape: ModelShape, *, logit_fraction: float) -> float:
     return 4 * shape.linear_params + 4 * shape.vocab * shape.hidden * logit_fraction
 
 
+def mixed_bound(shape: ModelShape, *, logit_fraction: float, block_gflops: float, head_gflops: float) -> float:
+    """Tokens/s bound when the decoder blocks' matmuls run at ``block_gflops`` (bf16) and the LM head at
+    ``head_gflops`` (fp32): the sidecar's bf16-matmul path (sidecar/training/bf16.py) keeps the head in fp32."""
+    block = 4 * shape.linear_params / (block_gflops * 1e9)
+    head = 4 * shape.vocab * shape.hidden * logit_fraction / (head_gflops * 1e9)
+    return 1.0 / (block + head)
+
+
 def extra_flops(shape: ModelShape, *, rank: int, target_modules: list[str], tokens: int,
                 sequence_lengths: list[int]) -> dict[str, float]:
     """Work outside the model-FLOP count, for a run over ``sequence_lengths`` (total ``tokens``)."""
@@ -75,8 +83,8 @@ def extra_flops(shape: ModelShape, *, rank: int, target_modules: list[str], toke
 
 
 def matmul_gflops(threads: int, *, shapes: list[tuple[int, int, int]], repeats: int = 5,
-                  min_seconds: float = 0.2) -> dict[str, Any]:
-    """Best-of-``repeats`` fp32 ``torch.mm`` GFLOP/s for each (M, K, N) in ``shapes``.
+                  min_seconds: float = 0.2, dtype: str = "float32") -> dict[str, Any]:
+    """Best-of-``repeats`` ``torch.mm`` GFLOP/s in ``dtype`` for each (M, K, N) in ``shapes``.
 
     Each repeat runs enough multiplications to last ``min_seconds``, so timer resolution does not
     matter; the best repeat is kept because other load can only slow a repeat down.
@@ -87,10 +95,11 @@ def matmul_gflops(threads: int, *, shapes: list[tuple[int, int, int]], repeats: 
     torch.set_num_threads(threads)
     try:
         results = []
+        dt = getattr(torch, dtype)
         for m, k, n in shapes:
-            a = torch.randn(m, k, dtype=torch.float32)
-            b = torch.randn(k, n, dtype=torch.float32)
-            out = torch.empty(m, n, dtype=torch.float32)
+            a = torch.randn(m, k).to(dt)
+            b = torch.randn(k, n).to(dt)
+            out = torch.empty(m, n, dtype=dt)
             for _ in range(3):
                 torch.mm(a, b, out=out)
             t0 = time.perf_counter()
@@ -107,7 +116,7 @@ def matmul_gflops(threads: int, *, shapes: list[tuple[int, int, int]], repeats: 
     finally:
         torch.set_num_threads(previous)
     peak = max(results, key=lambda r: r["gflops"])
-    return {"threads": threads, "shapes": results, "peak_gflops": peak["gflops"],
+    return {"threads": threads, "dtype": dtype, "shapes": results, "peak_gflops": peak["gflops"],
             "peak_shape": [peak["m"], peak["k"], peak["n"]]}
 
 

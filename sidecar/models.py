@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import gc
 import hashlib
 import importlib.util
@@ -489,12 +490,32 @@ def select_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return getattr(torch, _DTYPES[requested])
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    import torch
+
+    probe = getattr(torch, "cpu", None)
+    try:
+        return bool(probe._is_avx512_bf16_supported() or probe._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: read the CPU flags
+        try:
+            text = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def dtype_warning(device: str, dtype: torch.dtype) -> str | None:
     import torch
 
-    if device == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return (f"dtype {str(dtype).removeprefix('torch.')} on CPU is much slower than float32 "
-                "(about 10x measured here); use dtype 'auto' or 'float32' on CPU.")
+    if device == "cpu" and dtype == torch.float16:
+        return ("dtype float16 on CPU is much slower than float32; use dtype 'auto' (fp32 weights, bf16 "
+                "matmuls where the CPU has native bf16) or 'float32' on CPU.")
+    if device == "cpu" and dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return ("dtype bfloat16 on a CPU without native bf16 instructions is much slower than float32 "
+                "(about 10x measured on such a CPU); use dtype 'auto' or 'float32' here.")
     return None
 
 
@@ -509,8 +530,9 @@ def device_report() -> list[wire.DeviceInfo]:
     except (ValueError, OSError, AttributeError):
         cpu_memory = None
     cpu_name = f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-    # bf16 is reported for CPUs as False: it runs, but far slower than fp32 on typical CPUs.
-    devices = [wire.DeviceInfo(type="cpu", name=cpu_name, memory_bytes=cpu_memory, bf16=False)]
+    # bf16 on a CPU: True only with native bf16 instructions (AVX512_BF16 / AMX); elsewhere it runs, but
+    # far slower than fp32.
+    devices = [wire.DeviceInfo(type="cpu", name=cpu_name, memory_bytes=cpu_memory, bf16=cpu_has_native_bf16())]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

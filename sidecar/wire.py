@@ -200,6 +200,8 @@ class TrainParams(Wire, kw_only=True):
     quantize_bits: Literal[4, 8] = 4
     device: Device = "auto"
     dtype: DType = "auto"
+    """``auto``: bf16 on a CUDA GPU that supports it, else fp32 weights — and on a CPU with native bf16,
+    bf16 matmuls over them in training (sidecar/training/bf16.py). ``float32``: every matmul in fp32."""
     trust_remote_code: bool = False
 
     persona_id: Optional[str] = None

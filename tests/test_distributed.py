@@ -24,8 +24,10 @@ TOLERANCE = 1e-5
 # 9 examples at a global batch of 4: micro-batches of 4, 4 and 1 rows per epoch. With accumulation 2
 # a step is either 8 rows or the single row, where rank 1 has no row and runs the stand-in; the
 # micro-batch budget splits each rank's rows further, so gradients accumulate under no_sync.
+# dtype float32: a single-process job on a CPU with native bf16 would otherwise take bf16 matmuls
+# (training/bf16.py), which worker groups never do; the comparison is of the fp32 path.
 JOB = {"dataset": chat_dataset(9), "maxSteps": 4, "gradientAccumulation": 2, "microBatchTokens": 40,
-       "dropout": 0.0, "progressInterval": 0}
+       "dropout": 0.0, "progressInterval": 0, "dtype": "float32"}
 PHASES = ["queued", "loading", "preparing", "training", "saving", "completed"]
 
 

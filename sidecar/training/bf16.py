@@ -19,30 +19,15 @@ quality at equal tokens are measured in docs/PERFORMANCE.md ("bf16 matmuls").
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import types
-from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ..models import cpu_has_native_bf16
+
 log = logging.getLogger(__name__)
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """True when this CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
-    probe = getattr(torch, "cpu", None)
-    try:
-        return bool(probe._is_avx512_bf16_supported() or probe._is_amx_tile_supported())
-    except AttributeError:  # an older or newer torch without the probes: read the CPU flags
-        try:
-            text = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-        flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-        return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def wanted(requested_dtype: str | None, device: str, weights_dtype: torch.dtype, quantized: bool,

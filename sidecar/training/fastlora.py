@@ -5,14 +5,15 @@ r 8 on the 7 projections, batch 4 × 128 tokens, fp32 (docs/PERFORMANCE.md has t
 
 - ``F.dropout`` draws its mask with ``bernoulli_``, ~5 ns per element on this CPU; over the inputs
   of 210 adapted layers that was 16 % of the whole training step. Here the mask comes from 64-bit
-  words of the same generator, cut into 16-bit uniforms (three per word), ~2.5× cheaper, with the
-  dropout probability exact to 1/65536.
+  words of the same generator, cut into four 16-bit lanes (the top one has 15 random bits), several
+  times cheaper, with the dropout probability exact to 1/65536 (1/32768 in the top lane).
 - autograd kept a float copy of ``dropout(x)`` for every adapted layer (for A's gradient), next to
   the ``x`` the frozen base layer already keeps. Here only a 1-byte mask and the rank-r
   intermediate are kept; ``dropout(x)`` is recomputed in the backward pass from the shared ``x``.
 
 The maths is unchanged (same forward, same gradients up to float rounding), which the tests check
-against peft's path. Only plain (non-DoRA) ``peft.tuners.lora.Linear`` layers in training are
+against peft's path. With bf16 matmuls on (training/bf16.py), ``LoraLinearBf16`` computes a layer's
+frozen base product and its LoRA branch together, sharing one bf16 copy of the input. Only plain (non-DoRA) ``peft.tuners.lora.Linear`` layers in training are
 patched; everything else keeps peft's code. The patch lives on the LoRA modules themselves, so it
 disappears with them when the adapter is unloaded.
 """
