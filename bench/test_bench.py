@@ -111,12 +111,27 @@ def test_targets_pass_and_fail_on_the_stated_thresholds():
     assert res["ratios"]["limit_fraction"] == pytest.approx(160 * 481_296_384 / 100e9)
     assert all(v["pass"] for k, v in t.items() if not v["target"].startswith("(info)"))
 
-    res = _result(50, 140, 4.0, 0.6, 0.6, 3000, 3100, 2.0, 2.06)
+    res = _result(50, 120, 4.0, 0.6, 0.6, 3000, 3100, 2.0, 2.06)  # 120 × 4.81e8 = 58 % of the peak
     res["ratios"] = compute_ratios(res)
     t = check_targets(res)
     failed = {k for k, v in t.items() if v["pass"] is False}
     assert failed == {"speedup", "limit_fraction", "first_step_abs", "first_step_ratio", "first_step_done_abs",
                       "peak_rss", "loss"}
+
+
+def test_bf16_matmuls_are_held_to_their_own_bound():
+    """A sidecar that multiplied in bf16 is measured against the bf16 peak for the blocks and the fp32
+    peak for the LM head (which stays fp32), not against the fp32 peak alone."""
+    res = _result(50, 160, 10.0, 0.4, 0.1, 3000, 2500, 2.0, 2.04)
+    res["limit_bf16"] = {"peak_gflops": 200.0}
+    res["sidecar"]["measured_job"]["engine"] = {"bf16MatmulLayers": 210}
+    r = compute_ratios(res)
+    per_token = 4 * 106_168_320 / 200e9 + 2 * 49152 * 576 / 100e9  # seconds at the two peaks
+    assert r["sidecar_bf16_matmuls"] and r["compute_limit_tokens_per_s"] == pytest.approx(1 / per_token)
+    assert r["compute_limit_fraction"] == pytest.approx(160 * per_token)
+    assert r["limit_fraction"] == pytest.approx(160 * 481_296_384 / 100e9)  # the fp32 figure, still reported
+    res["sidecar"]["measured_job"]["engine"] = {"bf16MatmulLayers": 0}
+    assert compute_ratios(res)["compute_limit_fraction"] == pytest.approx(160 * 481_296_384 / 100e9)
 
 
 def test_targets_without_a_baseline_are_not_applicable():

@@ -120,7 +120,7 @@ class TestDeviceAndDtype:
         assert models.select_dtype("cpu", "bfloat16") is torch.bfloat16
         assert models.select_dtype("cpu", "float16") is torch.float16
         assert models.select_dtype("cpu", "float32") is torch.float32
-        assert models.dtype_warning("cpu", torch.bfloat16) is not None
+        assert models.dtype_warning("cpu", torch.float16) is not None
         assert models.dtype_warning("cpu", torch.float32) is None
         with pytest.raises(errors.Unsupported):
             models.select_dtype("cpu", "int3")
@@ -205,10 +205,12 @@ class TestModelCache:
         assert any("4-bit" in w and "without quantization" in w for w in loaded.warnings)
         assert loaded.model.dtype is torch.float32
 
-    def test_bf16_on_cpu_warns(self, tiny_model_dir):
+    @pytest.mark.parametrize("native", [True, False])
+    def test_bf16_on_cpu_warns_only_without_native_bf16(self, tiny_model_dir, monkeypatch, native):
+        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
         loaded = ModelCache().get(str(tiny_model_dir), device="cpu", dtype="bfloat16")
         assert loaded.model.dtype is torch.bfloat16
-        assert any("slower" in w for w in loaded.warnings)
+        assert any("slower" in w for w in loaded.warnings) is not native
 
     def test_fingerprint(self, tiny_model_dir):
         cache = ModelCache()
