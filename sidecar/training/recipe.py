@@ -292,8 +292,10 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             micro_tokens = CPU_MICRO_BATCH_TOKENS if device == "cpu" else 0
         forward = world.wrap(lm, selective)  # before collecting parameters: FSDP replaces them
         trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        # Fused AdamW on CUDA, and on CPU for single-process jobs: one kernel over all LoRA tensors instead
+        # of foreach ops (measured on CPU for SmolLM2 r8's 420 tensors: 3.3 ms a step instead of 16.2).
         optimizer = torch.optim.AdamW(trainable, lr=params.learning_rate, weight_decay=params.weight_decay,
-                                      fused=device.startswith("cuda") or None)
+                                      fused=device.startswith("cuda") or (device == "cpu" and world.size == 1) or None)
         stopper = None
         if params.early_stopping is not None:
             stopper = EarlyStopper(params.early_stopping.patience, params.early_stopping.min_delta)
