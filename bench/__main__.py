@@ -366,7 +366,8 @@ def run_shape(res: dict[str, Any], name: str, model_path: str, workdir: Path, ar
     res["load_average"][f"before_sidecar_{name}"] = load_average()
     sh["sidecar"] = sidecar_side.run(settings, workdir / "sidecar", timeout=args.timeout)
     sd = sh["sidecar"]
-    say(f"  sidecar: {sd['tokens_per_s']:.1f} tokens/s, request → first step {sd['request_to_first_step_s']:.3f} s")
+    say(f"  sidecar: {sd['tokens_per_s']:.1f} tokens/s, request → first step begins "
+        f"{sd['measured_job']['request_to_training_start_s']:.3f} s, completed {sd['request_to_first_step_s']:.3f} s")
     save()
     say("scoring the adapters on the dataset")
     adapters = {"sidecar": sd["adapter_dir"]}

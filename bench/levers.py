@@ -94,12 +94,18 @@ def run_levers(settings: JobSettings, workdir: Path) -> dict[str, Any]:
             print(f"lever run {row['name']} ...", file=sys.stderr, flush=True)
             r = train_once(params, models, workdir, f"lever-{row['name']}")
             r["torch_threads_after"] = torch.get_num_threads()
-        out.append({**row, **r, "threads": threads})
+        out.append({**row, **r, "threads": threads, "steps_limit": row.get("steps")})
         print(f"  {row['name']}: {r['tokens_per_s']:.1f} tokens/s", file=sys.stderr, flush=True)
+    return gains(out)
+
+
+def gains(out: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each lever's gain: the mean of the two reference runs over the row's tokens/s (full-epoch rows
+    only; a row cut to a few steps, ``steps_limit``, is not comparable)."""
     by = {r["name"]: r for r in out}
     ref = (by["reference"]["tokens_per_s"] + by["reference_repeat"]["tokens_per_s"]) / 2
     for r in out:
-        r["speedup_of_lever"] = ref / r["tokens_per_s"] if r["tokens_per_s"] and not r.get("steps") else None
+        r["speedup_of_lever"] = ref / r["tokens_per_s"] if r["tokens_per_s"] and not r.get("steps_limit") else None
     return {"reference_tokens_per_s": ref,
             "noise": abs(by["reference"]["tokens_per_s"] - by["reference_repeat"]["tokens_per_s"]) / ref,
             "rows": out}
