@@ -42,8 +42,9 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def train_once(params: dict[str, Any], models: Any, workdir: Path, name: str) -> dict[str, Any]:
-    """One engine job from wire-format ``params``; returns the metrics and the engine's own flags."""
+def train_once(params: dict[str, Any], models: Any, workdir: Path, name: str, *, keep: bool = False) -> dict[str, Any]:
+    """One engine job from wire-format ``params``; returns the metrics and the engine's own flags.
+    ``keep``: leave the adapter in place and return its directory as ``adapter_dir``."""
     import json
 
     from sidecar import wire
@@ -58,8 +59,10 @@ def train_once(params: dict[str, Any], models: Any, workdir: Path, name: str) ->
     manifest = json.loads(Path(result.manifest_path).read_text())
     history = manifest["lossHistory"]
     m = result.metrics
-    shutil.rmtree(out, ignore_errors=True)  # only the figures are kept
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)  # only the figures are kept
     return {
+        **({"adapter_dir": str(out)} if keep else {}),
         "tokens_per_s": m.tokens_per_second,
         "tokens": sum(h["tokens"] for h in history),
         "steps": m.steps,
