@@ -161,3 +161,15 @@ def test_per_shape_ratios_and_summary():
     text = io.StringIO()
     print_summary(res, text)
     assert "chat" in text.getvalue() and "2.50×" in text.getvalue()
+
+
+def test_lever_gains_use_the_two_reference_runs_and_skip_cut_rows():
+    from bench.levers import gains
+
+    rows = [{"name": "reference", "tokens_per_s": 200.0}, {"name": "fp32_matmuls", "tokens_per_s": 100.0},
+            {"name": "bf16_weights", "tokens_per_s": 50.0, "steps_limit": 3},
+            {"name": "reference_repeat", "tokens_per_s": 220.0}]
+    out = gains(rows)
+    assert out["reference_tokens_per_s"] == 210.0 and out["noise"] == pytest.approx(20 / 210)
+    by = {r["name"]: r["speedup_of_lever"] for r in out["rows"]}
+    assert by["fp32_matmuls"] == pytest.approx(2.1) and by["bf16_weights"] is None
