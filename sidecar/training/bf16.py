@@ -3,9 +3,10 @@
 What changes: every frozen ``nn.Linear`` of the decoder (the base side of each adapted projection,
 and the projections left unadapted) multiplies in bf16: its input is rounded to bf16, multiplied by
 a bf16 copy of its weight (fp32 accumulation inside oneDNN), and the product is returned as fp32.
-What stays fp32: the model's own weights (the bf16 copies sit beside them), the residual stream,
-norms, attention, the LoRA A/B weights and their matmuls, the gradients, AdamW's state, the LM head
-and the loss. That is autocast's rule for linear layers, without autocast's cost: autocast re-casts
+An adapted projection runs its base product and LoRA branch together (fastlora.LoraLinearBf16,
+which says which of the branch's products are bf16). What stays fp32: the model's own weights (the
+bf16 copies sit beside them), the residual stream, norms, attention, the LoRA weights and their
+gradients, AdamW's state, the LM head and the loss. That is autocast's rule for linear layers, without autocast's cost: autocast re-casts
 a frozen weight on every call (its cast cache keeps only leaves that require grad), which measured
 slower than plain fp32 here; the copies below are made once per base model and kept with it in the
 model cache, so a warm job pays nothing for them.
