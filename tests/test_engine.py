@@ -325,7 +325,9 @@ def test_loss_is_normalised_over_all_labels_of_the_accumulated_step(tiny_model_d
     """One batch of 2 == two micro-batches of 1 accumulated, when the examples' label counts differ."""
     two = [chat("Q?", "A."), chat("Tell me everything about Zorblax please.",
                                    "Zorblax is a planet with green skies, seven moons, a river and blue bread.")]
-    common = dict(dataset=wire.Dataset(examples=two), dropout=0.0, epochs=3, warmup_ratio=0.0)
+    # float32: on a CPU with native bf16 the default takes bf16 matmuls, whose rounding differs between a
+    # 2-row and a 1-row product (1.6e-4 here) — noise, not the normalisation this test is about.
+    common = dict(dataset=wire.Dataset(examples=two), dropout=0.0, epochs=3, warmup_ratio=0.0, dtype="float32")
     a, _ = run(params(tiny_model_dir, tmp_path / "a", batch_size=2, gradient_accumulation=1, **common), cache)
     b, _ = run(params(tiny_model_dir, tmp_path / "b", batch_size=1, gradient_accumulation=2, **common), cache)
     assert a.metrics.steps == b.metrics.steps == 3
