@@ -390,6 +390,31 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, *, seed: int, epoch: 
     return batches
 
 
+GROUPING_MIN_SAVING = 0.10
+"""Length grouping is taken by default only when it saves at least this share of the fed tokens."""
+
+
+def grouping_pays(lengths: Sequence[int], batch_size: int, *, seed: int) -> bool:
+    """Whether grouping by length saves at least GROUPING_MIN_SAVING of the padded tokens an epoch of
+    random batches would feed (epoch 0 of this seed; a pure function of the lengths and the seed).
+
+    Measured on the benchmark (docs/PERFORMANCE.md): on mixed chats random batches of 4 feed 71 %
+    more tokens than real ones and grouping is a ×1.25 lever; on short chats of nearly uniform length
+    they feed 5 % more, and grouped batches (examples alike in length, and in templated data alike in
+    content) scored 0.04–0.06 nat worse than random ones at equal tokens, over two seeds.
+    """
+    real = sum(lengths)
+    if not real or batch_size <= 1:
+        return False
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    saved = padded(epoch_batches(lengths, batch_size, seed=seed, epoch=0, group_by_length=False)) - padded(
+        epoch_batches(lengths, batch_size, seed=seed, epoch=0, group_by_length=True))
+    return saved >= GROUPING_MIN_SAVING * real
+
+
 @dataclass
 class Batch:
     input_ids: Any        # LongTensor [B, T]

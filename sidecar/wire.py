@@ -189,8 +189,12 @@ class TrainParams(Wire, kw_only=True):
     seed: int = 42
     loss_on: Literal["assistant", "all"] = "assistant"
     gradient_checkpointing: bool = False
-    group_by_length: bool = True
-    """Batch examples of similar length together (less padding); order inside an epoch stays seeded."""
+    group_by_length: Optional[bool] = None
+    """Batch examples of similar length together (less padding). ``None``: only where it pays, when
+    random batches would feed at least 10 % more padded tokens than grouped ones (data.grouping_pays):
+    grouping makes each batch's examples alike, which measurably cost adapter quality on data of
+    near-uniform length, where it saves little. ``true`` / ``false``: always / never. The order inside
+    an epoch stays seeded either way."""
     micro_batch_tokens: Optional[Annotated[int, Meta(ge=0)]] = None
     """Largest padded micro-batch (rows × longest row) run at once; a bigger batch is split and its
     gradients accumulated — the same update, with bounded activation memory. ``None``: 512 on CPU,

@@ -304,3 +304,16 @@ def test_length_grouping_reduces_padding():
     grouped = data.epoch_batches(lengths, 8, seed=0, epoch=0, group_by_length=True)
     plain = data.epoch_batches(lengths, 8, seed=0, epoch=0, group_by_length=False)
     assert padding(grouped) < padding(plain) / 5
+
+
+def test_grouping_is_taken_only_where_it_saves_padding():
+    import random
+
+    rng = random.Random(3)
+    mixed = [rng.randint(30, 260) for _ in range(64)]      # like the benchmark's chat set: ~70 % padding at random
+    uniform = [rng.randint(79, 91) for _ in range(48)]     # short chats of nearly one length: ~5 %
+    assert data.grouping_pays(mixed, 4, seed=42)
+    assert not data.grouping_pays(uniform, 4, seed=42)
+    assert not data.grouping_pays([100] * 10, 4, seed=1)   # nothing to save
+    assert not data.grouping_pays(mixed, 1, seed=42)       # one row per batch: never padded
+    assert data.grouping_pays(mixed, 4, seed=42) == data.grouping_pays(mixed, 4, seed=42)  # a pure function

@@ -533,3 +533,16 @@ def test_validation_runs_at_epoch_ends_at_most_about_ten_times(tiny_model_dir, c
     hist = json.loads(Path(result.manifest_path).read_text())["validationHistory"]
     assert [h["step"] for h in hist] == [3, 6, 9, 12, 15, 18, 21, 24, 25]
     assert result.metrics.validation_loss == hist[-1]["validationLoss"]
+
+
+def test_length_grouping_default_follows_the_padding_it_saves(tiny_model_dir, cache, tmp_path):
+    """groupByLength null groups only where random batches would pad ≥ 10 % more; true/false force it."""
+    alike = [chat(f"Question number {i}?", f"Answer number {i}.") for i in range(8)]           # one length
+    mixed = [chat("Q?", "A."), chat("Tell me everything about Zorblax please.",
+                                    "Zorblax is a planet with green skies, seven moons, a river and blue bread. " * 4)] * 4
+    def engine(name, examples, **kw):
+        r, _ = run(params(tiny_model_dir, tmp_path / name, dataset=wire.Dataset(examples=examples), epochs=1,
+                          batch_size=2, **kw), cache, job_id=name)
+        return json.loads(Path(r.manifest_path).read_text())["engine"]["groupByLength"]
+    assert engine("alike", alike) is False and engine("mixed", mixed) is True
+    assert engine("forced", alike, group_by_length=True) is True and engine("off", mixed, group_by_length=False) is False

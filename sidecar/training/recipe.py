@@ -246,6 +246,9 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     lengths = [len(t.input_ids) for t in train_items]
     global_batch = world.global_batch(params.batch_size)
+    grouped = params.group_by_length
+    if grouped is None:
+        grouped = data.grouping_pays(lengths, global_batch, seed=params.seed)
     micro_per_epoch = math.ceil(len(train_items) / global_batch)
     steps_per_epoch = math.ceil(micro_per_epoch / params.gradient_accumulation)
     # maxSteps, when given, is the number of optimizer steps (Hugging Face semantics: it overrides
@@ -364,7 +367,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
         finished = stopped_early or prog.step >= total_steps
         for epoch in range(start_epoch, n_epochs) if not finished else ():
             batches = data.epoch_batches(lengths, global_batch, seed=params.seed, epoch=epoch,
-                                         group_by_length=params.group_by_length)
+                                         group_by_length=grouped)
             for g in range(start_group if epoch == start_epoch else 0, len(batches), params.gradient_accumulation):
                 if prog.step >= total_steps:
                     break
@@ -507,7 +510,7 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             received_at=received_at, started_wall=started_wall, finished_wall=finished_wall,
             train_stats=train_stats, val_stats=val_stats, metrics=metrics, prog=prog, warnings=job_warnings,
             adapter_file=adapter_file, selective=selective, target=target, fused_lora=fused_lora,
-            micro_tokens=micro_tokens, world=world, bf16_layers=bf16_layers,
+            micro_tokens=micro_tokens, world=world, bf16_layers=bf16_layers, grouped=grouped,
         )
         manifest.update(continuity)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -550,7 +553,8 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
               received_at: float, started_wall: float, finished_wall: float, train_stats: data.DatasetStats,
               val_stats: Optional[data.DatasetStats], metrics: wire.TrainMetrics, prog: _Progress,
               warnings: list[str], adapter_file: Path, selective: bool, target: Path,
-              fused_lora: int, micro_tokens: int, world: World, bf16_layers: int) -> dict[str, Any]:
+              fused_lora: int, micro_tokens: int, world: World, bf16_layers: int,
+              grouped: bool) -> dict[str, Any]:
     from .. import PROTOCOL_VERSION
 
     lora = peft_model.peft_config["default"]
@@ -583,7 +587,7 @@ def _manifest(*, params: wire.TrainParams, job_id: str, loaded: Any, fingerprint
         "metrics": msgspec.to_builtins(metrics),
         "lossHistory": prog.history,
         "validationHistory": prog.validation_history,
-        "engine": {"selectiveLogits": selective, "groupByLength": params.group_by_length,
+        "engine": {"selectiveLogits": selective, "groupByLength": grouped,
                    "fusedLoraLayers": fused_lora, "bf16MatmulLayers": bf16_layers, "microBatchTokens": micro_tokens,
                    "gradientCheckpointing": params.gradient_checkpointing, "distributed": world.describe()},
         "warnings": warnings,

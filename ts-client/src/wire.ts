@@ -712,8 +712,7 @@ export interface TrainParams {
   lossOn?: "all" | "assistant";
   /** @default false */
   gradientCheckpointing?: boolean;
-  /** @default true */
-  groupByLength?: boolean;
+  groupByLength?: boolean | null;
   /** Constraints: an integer, >= 0. */
   microBatchTokens?: number | null;
   /** @default false */
