@@ -20,15 +20,12 @@ quality at equal tokens are measured in docs/PERFORMANCE.md ("bf16 matmuls").
 from __future__ import annotations
 
 import contextlib
-import logging
 import types
 from typing import Any, Iterator
 
 import torch
 
 from ..models import cpu_has_native_bf16
-
-log = logging.getLogger(__name__)
 
 
 def wanted(requested_dtype: str | None, device: str, weights_dtype: torch.dtype, quantized: bool,
@@ -68,19 +65,20 @@ def _frozen_linears(lm: Any) -> list[tuple[str, torch.nn.Linear]]:
             and not m.weight.requires_grad]
 
 
-def weight_copies(lm: Any, store: dict[str, Any]) -> dict[int, torch.Tensor]:
-    """bf16 copies of the frozen linear weights, made once per base model and kept in ``store`` (the
-    cache entry's shared state); a weight changed in place since (its version counter moved) is copied
-    again. Keyed by the module's id: the Linear objects stay the same while peft wraps them."""
+def weight_copies(lm: Any, store: dict[str, Any]) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
+    """Each frozen linear layer of ``lm`` with the bf16 copy of its weight, made once per base model and
+    kept in ``store`` (the cache entry's shared state); a weight changed in place since (its version
+    counter moved) is copied again. Keyed by the module's id: the Linear objects stay the same while
+    peft wraps them."""
     copies: dict[int, tuple[int, torch.Tensor]] = store.setdefault("bf16_weights", {})
-    out: dict[int, torch.Tensor] = {}
+    out = []
     for _, module in _frozen_linears(lm):
         w = module.weight
         have = copies.get(id(module))
         if have is None or have[0] != w._version:
             have = (w._version, w.detach().to(torch.bfloat16))
             copies[id(module)] = have
-        out[id(module)] = have[1]
+        out.append((module, have[1]))
     return out
 
 
@@ -90,11 +88,10 @@ def bf16_matmuls(lm: Any, store: dict[str, Any]) -> Iterator[int]:
 
     The patch is an instance attribute on each layer, removed on the way out, whatever happened.
     """
-    copies = weight_copies(lm, store)
     patched: list[torch.nn.Linear] = []
     try:
-        for _, module in _frozen_linears(lm):
-            module._bf16_weight = copies[id(module)]
+        for module, w16 in weight_copies(lm, store):
+            module._bf16_weight = w16
             module.forward = types.MethodType(_forward, module)
             patched.append(module)
         yield len(patched)
