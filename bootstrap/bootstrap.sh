@@ -18,6 +18,8 @@
 #   LORA_SIDECAR_PYTHON       interpreter for the venv (default: python3 if >= 3.10, else python3.1x)
 #   LORA_SIDECAR_TORCH        torch requirement (default torch==2.13.0)
 #   LORA_SIDECAR_TORCH_INDEX  package index for torch only, e.g. https://download.pytorch.org/whl/cu128
+#   LORA_SIDECAR_LLAMA_CMAKE_ARGS  CMake flags for the llama-cpp-python build of --dev (default: portable
+#                             CPU backend, see build_llama below); LORA_SIDECAR_WHEEL_CACHE where it is kept
 set -euo pipefail
 
 usage() {
@@ -87,6 +89,108 @@ install_npm() {
 }
 
 python_runs() { [ -x "$py" ] && "$py" -c 'import sys' >/dev/null 2>&1; }
+
+# ---------------------------------------------------------------------------------------------
+# llama-cpp-python (--dev: the export tests, and a user of this environment, load GGUF exports
+# with it). PyPI has only its source, and a plain `pip install` compiles llama.cpp with -march=native:
+# a wheel built on one host carries that host's kernels (AVX-512, AMX) to any other host that pip's
+# cache hands it to, and on Intel Xeons with AMX the native build itself crashes (SIGSEGV in
+# libggml-cpu's AMX/repack buffer types on the first eval). So it is built here, once per host
+# family, with a portable CPU backend: x86-64-v3 (AVX2, FMA, F16C, BMI2) and no AVX-512/AMX kernels,
+# which every x86 host this project meets can run. The wheel is kept in our own cache under a key of
+# the requirement, these flags, the architecture and the Python tag; pip's wheel cache (which knows
+# nothing of CMAKE_ARGS) is bypassed for it, so a native wheel cached by some other install is never
+# picked up. A smoke run (load the embedded GGUF with the defaults, eval) checks the result; a cached
+# wheel that fails it is deleted and built again.
+# ---------------------------------------------------------------------------------------------
+llama_req="$(grep -o '"llama-cpp-python[^"]*"' "$repo/pyproject.toml" | head -n 1 | tr -d '"')"
+if [ -n "${LORA_SIDECAR_LLAMA_CMAKE_ARGS:-}" ]; then
+  llama_cmake_args="$LORA_SIDECAR_LLAMA_CMAKE_ARGS"
+else
+  # LLAVA_BUILD=OFF: the multimodal library is not used here and costs build time.
+  llama_cmake_args="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF"
+  case "$(uname -m)" in
+    x86_64|amd64) llama_cmake_args="$llama_cmake_args -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+-DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AVX512_BF16=OFF -DGGML_AVX512_VNNI=OFF -DGGML_AMX_TILE=OFF \
+-DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" ;;
+  esac
+fi
+wheel_cache="${LORA_SIDECAR_WHEEL_CACHE:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lora-sidecar/wheels}"
+
+llama_wheel_dir() {
+  local key
+  key="$({ printf '%s\n%s\n%s\n' "$llama_req" "$llama_cmake_args" "$(uname -m)"
+           "$py" -c 'import sys; print(sys.implementation.cache_tag)'; } | sha256 | cut -c1-16)"
+  printf '%s/llama-cpp-python-%s\n' "$wheel_cache" "$key"
+}
+
+# Is the installed llama-cpp-python the wheel from our cache (recorded by pip in direct_url.json)?
+llama_installed_from() {
+  "$py" -I - "$1" <<'PY'
+import importlib.metadata as md, json, sys
+try:
+    url = json.loads(md.distribution("llama-cpp-python").read_text("direct_url.json") or "{}").get("url", "")
+except md.PackageNotFoundError:
+    sys.exit(1)
+sys.exit(0 if url.startswith("file://" + sys.argv[1] + "/") else 1)
+PY
+}
+
+build_llama() {
+  local dir tmp t0=$SECONDS
+  dir="$(llama_wheel_dir)"
+  tmp="$dir.build-$$"
+  rm -rf "$tmp"
+  mkdir -p "$tmp"
+  say "building $llama_req from source with a portable CPU backend (several minutes, once; kept in $wheel_cache)"
+  note "CMAKE_ARGS=$llama_cmake_args"
+  run_logged "pip wheel $llama_req" env CMAKE_ARGS="$llama_cmake_args" FORCE_CMAKE=1 \
+    "$py" -m pip wheel --no-deps --no-cache-dir --no-binary llama-cpp-python -w "$tmp" "$llama_req"
+  rm -rf "$dir"
+  mv "$tmp" "$dir"
+  note "built ($((SECONDS - t0))s)"
+}
+
+install_llama() {
+  local dir wheel
+  dir="$(llama_wheel_dir)"
+  if llama_installed_from "$dir" && [ "$(ls "$dir"/*.whl 2>/dev/null)" ]; then
+    note "$llama_req: the portable build is installed"
+    return 0
+  fi
+  ls "$dir"/*.whl >/dev/null 2>&1 || build_llama
+  wheel="$(ls "$dir"/*.whl | head -n 1)"
+  run_logged "pip install $wheel" "$py" -m pip install --no-deps --force-reinstall "$wheel"
+  note "$llama_req installed from $wheel"
+}
+
+# Loads the embedded GGUF with llama-cpp-python's defaults and evaluates a few tokens; on failure the
+# probe's report (signal, host CPU, llama.cpp's backend line) is in $1.
+llama_smoke() { "$py" -I "$repo/tests/llama_probe.py" --smoke >"$1" 2>&1; }
+
+check_llama() {
+  local report
+  report="$(mktemp "${TMPDIR:-/tmp}/lora-sidecar-llama.XXXXXX")"
+  if llama_smoke "$report"; then
+    note "llama.cpp smoke run: the embedded GGUF loads and answers; backend $(sed -n 's/^llama.cpp system info: //p' "$report" | head -n 1)"
+    rm -f "$report"
+    return 0
+  fi
+  tail -n 30 "$report" >>"$log"
+  note "llama.cpp smoke run failed (last lines below); building llama-cpp-python again"
+  tail -n 8 "$report" | sed 's/^/      /'
+  rm -rf "$(llama_wheel_dir)"
+  build_llama
+  install_llama
+  if ! llama_smoke "$report"; then
+    tail -n 25 "$report" >&2
+    rm -f "$report"
+    die "llama-cpp-python, built here with CMAKE_ARGS=\"$llama_cmake_args\", cannot evaluate the embedded GGUF." \
+      "Only the export tests need it. Other CMake flags can be tried with LORA_SIDECAR_LLAMA_CMAKE_ARGS." \
+      "The probe's report is above; the build log is in $log."
+  fi
+  rm -f "$report"
+}
 
 # Only ever delete a directory this script could have made: an existing venv/conda env, one of our
 # half-built ones, or an empty one. LORA_SIDECAR_ENV pointing at the wrong place must not cost data.
@@ -268,13 +372,16 @@ if [ "$force" = 0 ] && [ -f "$marker" ] && python_ok "$py"; then
   have="$(marker_stamp)"
   # A --dev environment also serves a plain run.
   if [ "$have" = "$want_stamp" ] || { [ "$dev" = 0 ] && [ "$have" = "$(stamp_for 1)" ]; }; then
-    if summary_and_check quick; then
+    if ! summary_and_check quick; then
+      say "the environment's import check failed; repairing it"
+    elif [ "$dev" = 1 ] && ! llama_installed_from "$(llama_wheel_dir)"; then
+      say "llama-cpp-python is not the portable build for these flags and this Python; installing it"
+    else
       # node_modules are outside the Python environment: refreshing them does not touch the marker.
       if npm_wanted && ! npm_up_to_date; then install_npm; fi
       say "environment is up to date ($(elapsed)); nothing reinstalled. (--force rebuilds it.)"
       exit 0
     fi
-    say "the environment's import check failed; repairing it"
   else
     say "pyproject.toml, the torch requirement or --dev changed since the last bootstrap; updating"
   fi
@@ -405,6 +512,8 @@ t0=$SECONDS
 target="$repo"
 [ "$dev" = 1 ] && target="$repo[dev]"
 say "[3/5] installing lora-sidecar and its dependencies (pip install -e $( [ "$dev" = 1 ] && echo '.[dev]' || echo '.'))"
+# Before the extra that names it, so that pip finds it satisfied and never compiles a native build.
+[ "$dev" = 1 ] && install_llama
 run_logged "pip install -e $target" "$py" -m pip install -e "$target"
 note "done ($((SECONDS - t0))s)"
 
@@ -440,6 +549,7 @@ if ! summary_and_check full; then
   die "the environment was installed but does not import (see above; full log: $log)." \
     "Rebuild it from scratch: bash bootstrap/bootstrap.sh --force$([ "$dev" = 1 ] && echo ' --dev')"
 fi
+[ "$dev" = 1 ] && check_llama
 {
   printf 'stamp=%s\n' "$want_stamp"
   printf 'dev=%s\ntorch=%s\npython=%s\ncreated=%s\n' "$dev" "$torch_spec" \

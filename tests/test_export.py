@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from sidecar.demo import QUESTIONS, dataset_path
+from tests import llama_probe
 from tests.sidecar_proc import Sidecar, chat_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,11 +45,9 @@ TEXT_MESSAGES = [
 # ---------------------------------------------------------------------------------------------
 
 def llama(jobs: list[dict], timeout: float = 600) -> list[dict]:
-    """Run tests/llama_probe.py in a fresh process (see there for the job format)."""
-    out = subprocess.run([sys.executable, str(REPO / "tests" / "llama_probe.py")], input=json.dumps(jobs),
-                         capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Run tests/llama_probe.py in a fresh process (see there for the job format); a crash of
+    llama.cpp fails with the signal, the host CPU and llama.cpp's backend line."""
+    return llama_probe.ask(jobs, timeout)
 
 
 def export(proc: Sidecar, adapter: Path, fmt: str, timeout: float = 600, **extra) -> dict:
@@ -135,6 +134,53 @@ def compare_runtimes(base_torch, base_llama, adapted_torch, adapted_llama) -> Ag
     if relative > MAX_RELATIVE_EFFECT_ERROR:
         problems.append(f"relative effect error {relative:.3f} > {MAX_RELATIVE_EFFECT_ERROR}")
     return Agreement(problems, stats)
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp itself, first: a build that cannot run on this host fails here, once and clearly,
+# and the round trips that need it are skipped rather than failing with a bare crash each.
+# ---------------------------------------------------------------------------------------------
+
+_smoke: list = []
+
+
+def llama_smoke() -> dict | llama_probe.LlamaCrashed:
+    """The embedded GGUF loaded with llama-cpp-python's defaults and evaluated (once per session)."""
+    if not _smoke:
+        try:
+            _smoke.append(llama_probe.smoke())
+        except llama_probe.LlamaCrashed as exc:
+            _smoke.append(exc)
+    return _smoke[0]
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_runs():
+    if isinstance(llama_smoke(), llama_probe.LlamaCrashed):
+        pytest.skip("llama.cpp does not run on this host: see test_llama_cpp_loads_and_evaluates_the_embedded_gguf")
+
+
+def test_llama_cpp_loads_and_evaluates_the_embedded_gguf():
+    """``Llama(path)`` with its defaults, then ``eval``: what a user of this environment does first."""
+    result = llama_smoke()
+    if isinstance(result, llama_probe.LlamaCrashed):
+        pytest.fail(str(result), pytrace=False)
+    assert result["tokens"] >= 4 and "Paris" in result["next"], result  # greedy: "The capital of France is Paris."
+
+
+def test_a_crash_of_llama_cpp_is_reported_with_the_signal_and_the_backend_line():
+    """A planted SIGSEGV in the probe (after a real load and eval) is reported as a crash: the
+    signal by name, the host CPU's extensions and llama.cpp's system-info line."""
+    import os
+
+    with pytest.raises(llama_probe.LlamaCrashed) as caught:
+        llama_probe.smoke(env={**os.environ, "LLAMA_PROBE_PLANT_CRASH": "1"})
+    message = str(caught.value)
+    assert "killed by SIGSEGV (signal 11)" in message, message
+    assert "host CPU: " in message, message
+    backend = message.split("llama.cpp CPU backend: ", 1)[1].splitlines()[0]
+    assert "CPU : " in backend or "CPU:" in backend, backend  # llama.cpp's own line, e.g. "CPU : SSE3 = 1 | ..."
+    assert "Fatal Python error: Segmentation fault" in message, message  # faulthandler's stack is kept
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,53 +433,6 @@ class TestAtomicAndRecorded:
                                           "export": [{"format": "zip"}]})
         assert bad["error"]["code"] == -32602 and bad["error"]["data"]["field"] == "$.export[0].format"
 
-    def test_injected_failures_leave_nothing_at_the_output_path(self, tiny_adapter, tmp_path, monkeypatch):
-        import gguf
-
-        from sidecar import errors, models
-        from sidecar.adapters.export import export_adapter
-
-        adapter = copy_adapter(tiny_adapter, tmp_path / "a")
-        manifest_before = (adapter / "training_manifest.json").read_bytes()
-
-        def half_then_fail(self, **kwargs):
-            self.fout[0].write(b"\0" * 4096)  # bytes really reach the temporary file first
-            raise OSError(28, "No space left on device")
-
-        with monkeypatch.context() as patch:
-            patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_fail)
-            with pytest.raises(errors.ExportFailed, match="No space left"):
-                export_adapter(adapter, "gguf-lora", output_path=str(tmp_path / "out" / "a.gguf"))
-        assert not (tmp_path / "out" / "a.gguf").exists() and leftovers(tmp_path / "out") == []
-
-        def broken_tokenizer(*args, **kwargs):
-            raise RuntimeError("injected failure after the weights were written")
-
-        with monkeypatch.context() as patch:
-            patch.setattr(models, "save_tokenizer", broken_tokenizer)
-            with pytest.raises(errors.ExportFailed, match="injected failure"):
-                export_adapter(adapter, "merged", output_path=str(tmp_path / "out" / "merged"))
-        assert not (tmp_path / "out" / "merged").exists() and leftovers(tmp_path / "out") == []
-        assert (adapter / "training_manifest.json").read_bytes() == manifest_before
-
-        # An existing export replaced with overwrite: a failure leaves the old one whole.
-        first = export_adapter(adapter, "gguf-lora")
-        old = Path(first.output_path).read_bytes()
-        with monkeypatch.context() as patch:
-            patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_fail)
-            with pytest.raises(errors.ExportFailed):
-                export_adapter(adapter, "gguf-lora", overwrite=True)
-        assert Path(first.output_path).read_bytes() == old and leftovers(Path(first.output_path).parent) == []
-
-    def test_adapter_without_manifest_is_exported_and_nothing_is_recorded(self, tiny_model_dir, tmp_path):
-        from sidecar.adapters.export import export_adapter
-
-        adapter = make_peft_adapter(tiny_model_dir, tmp_path / "plain-peft", r=4, lora_alpha=8,
-                                    target_modules=["q_proj", "v_proj"], b_std=0.01)
-        result = export_adapter(adapter, "gguf-lora", output_path=str(tmp_path / "x.gguf"))
-        assert Path(result.output_path).is_file() and result.manifest_updated is False
-        assert not (adapter / "training_manifest.json").exists()
-
 
 MERGED_CHECK = r"""
 import json, sys, torch
@@ -482,6 +481,58 @@ def test_merged_checkpoint_equals_base_plus_adapter_in_a_fresh_process(tiny_side
         assert check["effect"] > 1e-2, check  # the adapter really changes the logits...
         assert check["maxDiff"] < 1e-4, (merged, check)  # ...and the merged checkpoint computes the same
         assert "<|im_start|>user" in check["template"]
+
+
+# ---------------------------------------------------------------------------------------------
+# In process (export_adapter called directly, failures injected with monkeypatch)
+# ---------------------------------------------------------------------------------------------
+
+def test_injected_failures_leave_nothing_at_the_output_path(tiny_adapter, tmp_path, monkeypatch):
+    import gguf
+
+    from sidecar import errors, models
+    from sidecar.adapters.export import export_adapter
+
+    adapter = copy_adapter(tiny_adapter, tmp_path / "a")
+    manifest_before = (adapter / "training_manifest.json").read_bytes()
+
+    def half_then_fail(**kwargs):
+        self.fout[0].write(b"\0" * 4096)  # bytes really reach the temporary file first
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_fail)
+        with pytest.raises(errors.ExportFailed, match="No space left"):
+            export_adapter(adapter, "gguf-lora", output_path=str(tmp_path / "out" / "a.gguf"))
+    assert not (tmp_path / "out" / "a.gguf").exists() and leftovers(tmp_path / "out") == []
+
+    def broken_tokenizer(*args, **kwargs):
+        raise RuntimeError("injected failure after the weights were written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(models, "save_tokenizer", broken_tokenizer)
+        with pytest.raises(errors.ExportFailed, match="injected failure"):
+            export_adapter(adapter, "merged", output_path=str(tmp_path / "out" / "merged"))
+    assert not (tmp_path / "out" / "merged").exists() and leftovers(tmp_path / "out") == []
+    assert (adapter / "training_manifest.json").read_bytes() == manifest_before
+
+    # An existing export replaced with overwrite: a failure leaves the old one whole.
+    first = export_adapter(adapter, "gguf-lora")
+    old = Path(first.output_path).read_bytes()
+    with monkeypatch.context() as patch:
+        patch.setattr(gguf.GGUFWriter, "write_tensors_to_file", half_then_fail)
+        with pytest.raises(errors.ExportFailed):
+            export_adapter(adapter, "gguf-lora", overwrite=True)
+    assert Path(first.output_path).read_bytes() == old and leftovers(Path(first.output_path).parent) == []
+
+def test_adapter_without_manifest_is_exported_and_nothing_is_recorded(tiny_model_dir, tmp_path):
+    from sidecar.adapters.export import export_adapter
+
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "plain-peft", r=4, lora_alpha=8,
+                                target_modules=["q_proj", "v_proj"], b_std=0.01)
+    result = export_adapter(adapter, "gguf-lora", output_path=str(tmp_path / "x.gguf"))
+    assert Path(result.output_path).is_file() and result.manifest_updated is False
+    assert not (adapter / "training_manifest.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +653,7 @@ PRECISE_TOL = 2e-3
 
 
 @pytest.mark.smollm2
+@pytest.mark.usefixtures("llama_cpp_runs")
 class TestGgufLoraAgainstLlamaCpp:
     @pytest.mark.parametrize("which", ["plain", "rslora"])
     def test_llama_cpp_computes_what_peft_computes(self, which, request, smol_sidecar, base_gguf, f32_base_gguf,
@@ -689,6 +741,7 @@ class TestGgufLoraAgainstLlamaCpp:
 
 
 @pytest.mark.smollm2
+@pytest.mark.usefixtures("llama_cpp_runs")
 def test_merged_gguf_keeps_the_base_file_and_answers_with_the_adapter(smol_sidecar, plain_adapter, base_gguf,
                                                                       tmp_path):
     from gguf import GGUFReader
