@@ -1,6 +1,7 @@
 """The ``lora-sidecar`` command (also ``python -m sidecar``).
 
-    lora-sidecar [serve]                         the stdio JSON-RPC server (default)
+    lora-sidecar [serve] [--drain]               the stdio JSON-RPC server (default); --drain runs a
+                                                 file of requests to its end (exit 1 if any failed)
     lora-sidecar schema                          JSON Schema of every wire message
     lora-sidecar train --config C --output DIR   one-shot job, old peft-train.py config keys
     lora-sidecar demo                            README command 1
@@ -17,11 +18,18 @@ import sys
 from . import PROTOCOL_VERSION, __version__
 
 
+DRAIN_HELP = ("run a script of requests to its end: end of input and `shutdown` finish the jobs received "
+              "(in order, every answer printed) instead of cancelling them; exit status 0 when every "
+              "request succeeded, 1 otherwise")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-sidecar", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"lora-sidecar {__version__} (protocol {PROTOCOL_VERSION})")
+    parser.add_argument("--drain", action="store_true", help=DRAIN_HELP)
     sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the JSON-RPC server on stdin/stdout (default)")
+    serve = sub.add_parser("serve", help="run the JSON-RPC server on stdin/stdout (default)")
+    serve.add_argument("--drain", action="store_true", default=argparse.SUPPRESS, help=DRAIN_HELP)
     sub.add_parser("schema", help="print the JSON Schema of every wire message")
     train = sub.add_parser("train", help="one-shot training from an old peft-train.py JSON config")
     train.add_argument("--config", required=True, help="JSON config file (baseModel, datasetPath, rank, ...)")
@@ -40,10 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--json", action="store_true", help="print the result as JSON (the method's result)")
     args = parser.parse_args(argv)
 
+    if args.drain and args.command not in (None, "serve"):
+        parser.error("--drain is an option of the server (lora-sidecar [serve] --drain)")
     if args.command in (None, "serve"):
         from .server import serve_stdio
 
-        return serve_stdio()
+        return serve_stdio(drain=args.drain)
     if args.command == "schema":
         from .wire import json_schema
 

@@ -170,6 +170,11 @@ class JobQueue:
         with self.lock:
             return self.running is not None or bool(self.queue)
 
+    def refuse(self) -> None:
+        """Accept no new jobs (-32015); the queued and running ones go on (a draining shutdown)."""
+        with self.lock:
+            self.accepting = False
+
     def stop(self, timeout: float) -> list[str]:
         """Refuse new jobs, cancel queued and running ones, wait up to ``timeout`` s for the worker."""
         with self.lock:

@@ -31,6 +31,7 @@ from jsonrpcserver.main import dispatch_to_serializable
 from . import PROTOCOL_VERSION, __version__, errors, library_versions, wire
 from .adapters.resident import AdapterRegistry
 from .adapters.stack import Stack
+from .drain import Drain, written_by_earlier_train
 from .jobs import Job, JobQueue
 from .stdio import Framing, FrameReader, MessageWriter
 
@@ -57,6 +58,7 @@ class RequestContext:
     framing: Framing
     received_at: float
     accepted: threading.Event = field(default_factory=threading.Event)
+    ticket: int = 0  # its place in the order of requests received (see drain.py)
 
 
 def _handler(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -207,8 +209,9 @@ def path_error(exc: BaseException, params: Any) -> errors.PathError | None:
 
 class Server:
     def __init__(self, reader: FrameReader, writer: MessageWriter, worker_thread: bool = True,
-                 claims: Any = None, journal: Any = None) -> None:
+                 claims: Any = None, journal: Any = None, drain: bool = False) -> None:
         self.reader = reader
+        self.drain = Drain(drain)  # shutdown {drain: true} and the --drain mode
         self.journal = journal  # sidecar.journal.Journal: train jobs on disk, for status after a restart
         self.writer = writer
         self.claims = claims  # housekeeping.Claims, or None (no crash clean-up)
@@ -430,7 +433,12 @@ class Server:
         p = wire.decode_params(params, wire.GenerateParams)
         from .generate import check_params
 
-        check_params(p)
+        try:
+            check_params(p)
+        except errors.AdapterNotFound:
+            # Not written yet by a train job ahead of this one? Then it is checked when it runs.
+            if p.adapter_path is None or not written_by_earlier_train(self.jobs, p.adapter_path):
+                raise
         return self._queued(ctx, "generate", p, p.base_model)
 
     def _queued(self, ctx: RequestContext, kind: str, p: Any, base_model: str) -> Any:
@@ -508,8 +516,15 @@ class Server:
             recent=infos, loaded_models=self._loaded(), adapters=self.adapters.summary()))
 
     def shutdown(self, ctx: RequestContext, params: Any) -> Any:
-        wire.decode_params(params, wire.ShutdownParams)
+        p = wire.decode_params(params, wire.ShutdownParams)
         self.shutdown_requested = True
+        if self.drain.wanted(p.drain):
+            # New jobs are refused from now on, but the read loop goes on (cancel and status still
+            # answer) while the jobs received before this request run to their end.
+            self.jobs.refuse()
+            ctx.accepted.set()
+            log.info("shutdown: finishing %d earlier request(s) first", self.drain.pending() - 1)
+            self.drain.shutdown(ctx.ticket)
         cancelled = self.jobs.stop(STOP_TIMEOUT)
         if self._models is not None:
             self._models.evict_all()
@@ -529,7 +544,7 @@ class Server:
         while not self.exit_requested:
             frame = self.reader.read()
             if frame is None:
-                log.info("stdin closed; stopping")
+                log.info("stdin closed; %s", "finishing what was received" if self.drain.mode else "stopping")
                 break
             received_at = time.time()
             try:
@@ -541,7 +556,9 @@ class Server:
                 log.exception("failed to handle a message; reading on")
                 self._send_error(None, errors.InternalError("Internal error while handling a message; "
                                                             "see the sidecar's stderr"), frame.framing)
-        return self.stop(0 if self.shutdown_requested or not self.exit_requested else 1)
+        code = 0 if self.shutdown_requested or not self.exit_requested else 1
+        self.drain.settle()  # --drain, or a draining shutdown still waiting: answer everything first
+        return self.stop(1 if self.drain.mode and self.drain.failed else code)
 
     def _handle(self, body: bytes, framing: Framing, received_at: float) -> None:
         try:
@@ -612,7 +629,7 @@ class Server:
             deliver(_error_response(request_id, problem))
             return
         notification = "id" not in element
-        ctx = RequestContext(self, request_id, framing, received_at)
+        ctx = RequestContext(self, request_id, framing, received_at, ticket=self.drain.begin())
 
         def run() -> None:
             response = None
@@ -629,12 +646,15 @@ class Server:
                 deliver(response)
             except Exception:  # noqa: BLE001
                 log.exception("delivering a response failed")
+            finally:
+                self.drain.end(ctx.ticket)
 
         threading.Thread(target=run, name=f"request-{_clip(str(request_id), 40)}", daemon=True).start()
         ctx.accepted.wait()
 
     def _write(self, message: Any, framing: Framing) -> None:
         """Write a response or a batch of them; one that cannot be encoded becomes -32603 with its id."""
+        self.drain.observe(message)
         try:
             self.writer.write(message, framing)
             return
@@ -652,6 +672,7 @@ class Server:
         self.writer.write(fixed if isinstance(message, list) else fixed[0], framing)
 
     def _send_error(self, request_id: Any, exc: errors.SidecarError, framing: Framing) -> None:
+        self.drain.failed = True
         self.writer.write(_error_response(request_id, exc), framing)
 
     # --- stopping -----------------------------------------------------------------------------
@@ -733,7 +754,7 @@ def _watch_parent(server: Server, on_orphaned: Callable[[], None], interval: flo
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def serve_stdio() -> int:
+def serve_stdio(drain: bool = False) -> int:
     from .stdio import protect_stdout
 
     out = protect_stdout()
@@ -749,7 +770,8 @@ def serve_stdio() -> int:
     journal.recover()  # jobs of a dead process become `interrupted`; old entries and temp dirs go
     writer = MessageWriter(out)
     # Jobs run on the main thread (see JobQueue); the protocol is read on a secondary one.
-    server = Server(FrameReader(sys.stdin.buffer), writer, worker_thread=False, claims=claims, journal=journal)
+    server = Server(FrameReader(sys.stdin.buffer), writer, worker_thread=False, claims=claims, journal=journal,
+                    drain=drain)
 
     def finish(code: int) -> None:
         try:
@@ -763,6 +785,8 @@ def serve_stdio() -> int:
         code = 0
         try:
             code = server.stop(0)
+            if server.drain.mode and (server.drain.failed or server.drain.pending()):
+                code = 1  # a script cut short did not run to its end
         except BaseException:  # noqa: BLE001 - nothing may keep the process from exiting
             log.exception("stopping failed")
         finally:
@@ -786,7 +810,8 @@ def serve_stdio() -> int:
 
     _watch_signals(on_signal)
     _watch_parent(server, lambda: terminate("parent process gone"))
-    log.info("lora-sidecar %s ready (protocol %s, pid %d)", __version__, PROTOCOL_VERSION, os.getpid())
+    log.info("lora-sidecar %s ready (protocol %s, pid %d%s)", __version__, PROTOCOL_VERSION, os.getpid(),
+             ", drain mode: end of input finishes the jobs" if drain else "")
     threading.Thread(target=read_loop, name="stdin-reader", daemon=True).start()
     server.jobs.work()
     while True:  # the reader thread ends the process; the main thread stays to receive signals

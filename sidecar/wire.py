@@ -654,7 +654,9 @@ class AdaptersComposeResult(Wire, kw_only=True):
 
 
 class ShutdownParams(Wire, kw_only=True):
-    pass
+    drain: Optional[bool] = None
+    """``true``: let every job received before this request run to its end (its answer first), then
+    answer; ``false``: cancel them (the default, ``true`` under ``lora-sidecar --drain``)."""
 
 
 class ShutdownResult(Wire, kw_only=True):
