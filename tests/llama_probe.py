@@ -107,12 +107,13 @@ def embedded_gguf() -> str:
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
-def announce_backend() -> None:
+def announce_backend() -> str:
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     sys.stderr.write(f"{SYSTEM_INFO}{info}\n")
     sys.stderr.flush()
+    return info
 
 
 def run_smoke(model: str) -> dict:
@@ -160,9 +161,9 @@ def main(argv: list[str]) -> int:
     import faulthandler
 
     faulthandler.enable()  # a native crash also leaves the Python stack on stderr
-    announce_backend()
+    info = announce_backend()
     if argv[:1] == ["--smoke"]:
-        answers = [run_smoke(argv[1] if len(argv) > 1 else embedded_gguf())]
+        answers = [{**run_smoke(argv[1] if len(argv) > 1 else embedded_gguf()), "systemInfo": info}]
     else:
         answers = [run(job) for job in json.load(sys.stdin)]
     sys.stdout.write(json.dumps(answers) + "\n")

@@ -15,6 +15,8 @@ modules_to_save: variants ``train`` does not produce or that only need weights, 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -168,11 +170,23 @@ def test_llama_cpp_loads_and_evaluates_the_embedded_gguf():
     assert result["tokens"] >= 4 and "Paris" in result["next"], result  # greedy: "The capital of France is Paris."
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or bool(os.environ.get("LORA_SIDECAR_LLAMA_CMAKE_ARGS")),
+                    reason="the portable build's flags are for x86-64, and only when bootstrap chose them")
+def test_the_llama_cpp_build_has_no_kernels_for_one_host_only():
+    """bootstrap --dev builds llama.cpp for x86-64-v3 (AVX2): no AVX-512 or AMX kernels, which a wheel
+    built here would carry to hosts without them (and which crash on AMX Xeons). By construction,
+    then, the wheel runs on both host types this project meets, whichever one built it."""
+    result = llama_smoke()
+    if isinstance(result, llama_probe.LlamaCrashed):
+        pytest.skip("llama.cpp does not run: see test_llama_cpp_loads_and_evaluates_the_embedded_gguf")
+    info = result["systemInfo"]
+    assert "AVX2 = 1" in info, info
+    assert "AVX512" not in info and "AMX" not in info, info
+
+
 def test_a_crash_of_llama_cpp_is_reported_with_the_signal_and_the_backend_line():
     """A planted SIGSEGV in the probe (after a real load and eval) is reported as a crash: the
     signal by name, the host CPU's extensions and llama.cpp's system-info line."""
-    import os
-
     with pytest.raises(llama_probe.LlamaCrashed) as caught:
         llama_probe.smoke(env={**os.environ, "LLAMA_PROBE_PLANT_CRASH": "1"})
     message = str(caught.value)
