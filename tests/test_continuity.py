@@ -2,7 +2,16 @@
 the job journal, cancel-then-resume, a kill in the middle of a checkpoint, initFrom, early stopping.
 
 Exactness is the bar: a resumed job's adapter equals the uninterrupted job's within 1e-6 (fp32, CPU)
-with the same loss history. Every sidecar here runs with one compute thread (LORA_SIDECAR_THREADS=1):
+with the same loss history. Equality alone cannot tell a resume from a silent rerun from step 0 (the
+uninterrupted run is deterministic, so a rerun gives the same adapter and losses): every resume is
+also checked to start training at its checkpoint's step and to execute only the remaining steps,
+from the resumed process's own progress notifications (``assert_trained_only_the_rest``).
+
+The first part drives the real process over stdio (tests/sidecar_proc.py); the tests under
+"In-process" call the recipe, the journal or the bench directly, except the SmolLM2 initFrom test,
+which drives the real process again.
+
+Every sidecar here runs with one compute thread (LORA_SIDECAR_THREADS=1):
 on a shared 2-core machine that is much faster for the tiny model, and it keeps the uninterrupted and
 the resumed processes on the same arithmetic.
 """
@@ -146,11 +155,37 @@ def interrupted_entry(proc: Sidecar, job_id: str) -> dict:
     return entry
 
 
+def training_steps_since(proc: Sidecar, job_id: str, since: int) -> list[int]:
+    """Step numbers of the job's ``training`` progress notifications among ``proc.all[since:]``, in order.
+
+    With progressInterval 0 the recipe notifies once when training begins (the step it starts from),
+    once after every step it executes, and again after a checkpoint or an evaluation (same step)."""
+    with proc._lock:
+        later = proc.all[since:]
+    return [m["params"]["step"] for m in later if isinstance(m, dict) and m.get("method") == "progress"
+            and m["params"]["jobId"] == job_id and m["params"]["phase"] == "training"]
+
+
+def assert_trained_only_the_rest(steps: list[int], start: int, total: int = STEPS) -> None:
+    """The (resumed) job began training at step ``start`` and executed exactly steps start+1 … total,
+    in order: a resume that silently restarts from step 0 notifies step 0 first and steps 1 … start
+    again, even though its adapter and loss history equal the uninterrupted run's."""
+    assert steps, "no training progress from the resumed job"
+    assert steps[0] == start, f"the resumed job began training at step {steps[0]}, not at its checkpoint's {start}"
+    assert steps == sorted(steps), steps
+    executed = sorted(set(steps) - {start})
+    assert executed == list(range(start + 1, total + 1)), (
+        f"the resumed job executed steps {executed[:5]}…{executed[-3:]} ({len(executed)} steps); "
+        f"expected {start + 1}…{total} ({total - start} steps)")
+
+
 def resume_and_check(proc: Sidecar, job_id: str, baseline: dict, expect_from: int | None) -> dict:
+    since = len(proc.all)
     response = proc.call("train", {"resumeFrom": job_id, "progressInterval": 0}, timeout=300)
     assert "result" in response, response
     result = response["result"]
     assert result["jobId"] == job_id and result["metrics"]["resumedFromStep"] == expect_from
+    assert_trained_only_the_rest(training_steps_since(proc, job_id, since), expect_from or 0)
     assert_same_run(result, baseline)
     manifest = json.loads(Path(result["manifestPath"]).read_text())
     assert (manifest["resumedFrom"] or {}).get("step") == expect_from
@@ -252,10 +287,12 @@ def test_cancel_then_resume(chain, baselines, tiny_model_dir, tmp_path):
     # The cancelled job checkpointed its last completed step (besides the periodic ones at 7 and 14).
     assert entry["state"] == "cancelled" and entry["lastCheckpoint"]["step"] == stopped_at >= 17
     # The resume may name other values for fields that do not change the result.
+    since = len(proc.all)
     response = proc.call("train", {"resumeFrom": job_id, "checkpointEvery": 3, "microBatchTokens": 0,
                                    "progressInterval": 0}, timeout=300)
     assert "result" in response, response
     assert response["result"]["metrics"]["resumedFromStep"] == stopped_at
+    assert_trained_only_the_rest(training_steps_since(proc, job_id, since), stopped_at)
     assert_same_run(response["result"], baselines["plain"])
 
 
@@ -415,8 +452,11 @@ def test_early_stopping_writes_the_best_checkpoint(cache, data_dir, tiny_model_d
     with pytest.raises(errors.RequestCancelled):
         train_inproc(cache, {**params, "outputPath": str(tmp_path / "es2"), "checkpointEvery": 3}, "early-2",
                      stop_at=cut)
-    again = train_inproc(cache, {"resumeFrom": "early-2", "progressInterval": 0}, "early-2")
+    resumed_steps: list[int] = []
+    again = train_inproc(cache, {"resumeFrom": "early-2", "progressInterval": 0}, "early-2",
+                         on_progress=lambda p: p.phase == "training" and resumed_steps.append(p.step))
     assert again.metrics.resumed_from_step == cut and again.metrics.best_step == best
+    assert_trained_only_the_rest(resumed_steps, cut, total=result.metrics.steps)
     assert again.metrics.steps == result.metrics.steps and max_diff(weights(again.adapter_path), written) == 0.0
 
 

@@ -1,7 +1,12 @@
 """Reliability: no input deafens the control plane, the sidecar never outlives its parent, batches
-are answered element by element, a client's mistake gets an error naming the field.
+are answered element by element, a client's mistake gets an error naming the field, a kill -9 leaves
+a complete adapter or nothing.
 
-Every test drives the real process (tests/sidecar_proc.py)."""
+Sections 1–4, the fuzzer, kill -9 and the soak drive the real process over stdio
+(tests/sidecar_proc.py). The last section, "In-process", calls the pieces directly (the message
+writer, the server's error mapping, housekeeping, the fuzzer's constants) without a sidecar process.
+No assertion here depends on how fast the machine is, except the parent-death bound, whose margin is
+explained where it is set."""
 
 from __future__ import annotations
 
@@ -68,48 +73,6 @@ class TestReadLoop:
             assert "the read loop failed" in proc.stderr()
 
 
-def test_a_dead_stdout_never_raises_and_leaves_nothing_buffered():
-    from sidecar.stdio import MessageWriter
-
-    read_fd, write_fd = os.pipe()
-    os.close(read_fd)
-    writer = MessageWriter(os.fdopen(write_fd, "wb"))  # buffered on purpose: the old failure
-    writer.write({"jsonrpc": "2.0", "method": "progress", "params": {"x": "y" * 100}})
-    assert writer.closed
-    writer.write({"jsonrpc": "2.0", "id": 1, "result": None})  # dropped, no exception
-    writer.close()
-    writer.close()
-
-
-def test_an_os_error_on_a_client_path_becomes_a_path_error_naming_the_field(tmp_path):
-    import io
-
-    from sidecar import errors, wire
-    from sidecar.server import Server, path_error
-    from sidecar.stdio import FrameReader, MessageWriter
-
-    err = path_error(PermissionError(13, "Permission denied", f"{tmp_path}/out.tmp-job"),
-                     {"baseModel": "m", "outputPath": str(tmp_path / "out")})
-    assert err.CODE == -32040 and err.data["field"] == "$.outputPath" and err.data["errno"] == "EACCES"
-    assert path_error(PermissionError(13, "Permission denied", "/etc/other"), {"outputPath": "/tmp/x"}) is None
-    assert path_error(ValueError("not an OSError"), {"outputPath": "/tmp/x"}) is None
-
-    server = Server(FrameReader(io.BytesIO()), MessageWriter(io.BytesIO()))
-    try:
-        params = wire.decode_params({"datasetPath": str(tmp_path / "data.jsonl")}, wire.TrainParams)
-
-        def failing(job, report, should_stop):
-            raise IsADirectoryError(21, "Is a directory", str(tmp_path / "data.jsonl"))
-
-        server._run_train = failing
-        job = server.jobs.submit("train", params, job_id="j", base_model="m", received_at=time.time())
-        with pytest.raises(errors.PathError) as caught:
-            job.future.result(30)
-        assert caught.value.data["field"] == "$.datasetPath" and "Is a directory" in caught.value.message
-    finally:
-        server.jobs.stop(5)
-
-
 # --- 2. the sidecar never outlives its parent ---------------------------------------------------------
 
 # A parent that starts the sidecar, prints its pid, sends the requests given, and drains the
@@ -144,11 +107,21 @@ def wait_file(path: Path, timeout: float, why) -> None:
     assert path.exists(), why()
 
 
+# Here time is the point. The sidecar gets SIGTERM from PR_SET_PDEATHSIG at once and then waits at most
+# 0.5 s for a running job before exiting anyway (docs/RELIABILITY.md); measured on a quiet machine: gone
+# after 0.06 s idle, about 0.65 s in the other phases. Under load 4 on 2 cores a runnable process still
+# gets at least a third of a core, which makes that about 2 s; 6 s leaves another 3x on top of it. A
+# sidecar that waits for the held operation instead stays alive 60 s (the hold), one that never
+# notices the death for ever: both stay far outside the bound.
+PARENT_DEATH_BOUND_S = 6.0
+
+
 class TestParentDeath:
     @pytest.mark.parametrize("phase", ["idle", "loading", "training", "saving", "generating"])
-    def test_sidecar_is_gone_within_2_s_of_its_parent_being_killed(self, phase, tiny_model_dir, tmp_path):
-        """``training`` is a real, cancellable job (the issue's reproduction); ``loading``, ``saving``
-        and ``generating`` are held by a hook that ignores cancellation, as a long model load would."""
+    def test_sidecar_is_gone_within_6_s_of_its_parent_being_killed(self, phase, tiny_model_dir, tmp_path):
+        """Through the process: a parent process starts the sidecar and is SIGKILLed. ``training`` is a
+        real, cancellable job (the issue's reproduction); ``loading``, ``saving`` and ``generating``
+        are held 60 s by a hook that ignores cancellation, as a long model load would."""
         stderr = tmp_path / "sidecar.log"
         log = lambda: stderr.read_text(errors="replace")[-3000:] if stderr.exists() else ""  # noqa: E731
         env = {**os.environ, "LORA_SIDECAR_TEST_HOLD_MARKER": str(tmp_path / "held")}
@@ -177,12 +150,13 @@ class TestParentDeath:
             parent.send_signal(signal.SIGKILL)
             parent.wait()
             killed = time.monotonic()
-            while not process_gone(pid) and time.monotonic() - killed < 10:
+            while not process_gone(pid) and time.monotonic() - killed < 2 * PARENT_DEATH_BOUND_S:
                 time.sleep(0.02)
             elapsed, alive = time.monotonic() - killed, not process_gone(pid)
             if alive:
                 os.kill(pid, signal.SIGKILL)
-            assert not alive and elapsed < 2.0, f"sidecar alive {elapsed:.2f} s after its parent died:\n{log()}"
+            assert not alive and elapsed < PARENT_DEATH_BOUND_S, (
+                f"sidecar alive {elapsed:.2f} s after its parent died:\n{log()}")
             print(f"{phase}: gone {elapsed:.2f} s after the parent's SIGKILL")
         finally:
             if parent.poll() is None:
@@ -274,12 +248,6 @@ class TestClientMistakes:
 # --- the fuzzer -------------------------------------------------------------------------------------
 
 class TestFuzz:
-    def test_fuzzer_and_server_agree_on_the_nesting_limit(self):
-        from sidecar import server
-        from tests import fuzz
-
-        assert fuzz.MAX_DEPTH == server.MAX_NESTING_DEPTH
-
     def test_10000_fuzzed_messages_are_all_answered_correctly(self):
         from sidecar import wire
         from tests import fuzz
@@ -297,6 +265,190 @@ class TestFuzz:
 
 
 # --- crashes: kill -9, stale temporary directories ----------------------------------------------------
+
+def adapter_is_complete(out: Path) -> bool:
+    from safetensors import safe_open
+
+    names = {p.name for p in out.iterdir()}
+    if not {"adapter_model.safetensors", "adapter_config.json", "training_manifest.json"} <= names:
+        return False
+    json.loads((out / "adapter_config.json").read_text())
+    json.loads((out / "training_manifest.json").read_text())
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        return len(list(f.keys())) > 0
+
+
+def leftovers(out: Path) -> list[str]:
+    if not out.parent.is_dir():
+        return []
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + ".tmp-"))
+
+
+class TestKill9:
+    """Through the process: kill -9 of a real tiny-model job in a known phase, at a seeded random moment
+    within it. Every case asserts the phase the kill hit (from the notifications the dead process
+    wrote) and that phase's outcome: the output path holds a complete adapter or nothing, the next
+    start-up lists the job as interrupted (or completed, when the adapter was already in place), and
+    what the kill left (``<out>.tmp-<job>``) is gone after that start-up — checked in every case."""
+
+    # loading: held by the test hook (ignores cancellation), killed 0–0.5 s into the hold;
+    # training: a 100 000-step job (it cannot reach saving), killed after step 1–8;
+    # saving: killed as soon as the temporary directory exists (or the poll already sees the rename).
+    PLANS = [("loading", 1), ("training", 2), ("saving", 3), ("saving", 4)]
+
+    @pytest.mark.parametrize("phase,seed", PLANS, ids=[f"{p}-{s}" for p, s in PLANS])
+    def test_kill_at_a_random_moment_of_a_phase(self, phase, seed, tiny_model_dir, tmp_path):
+        import random
+
+        rng = random.Random(seed)
+        data = tmp_path / "data"
+        out = tmp_path / "adapters" / "out"
+        job_id = f"kill-{phase}-{seed}"
+        env = {"LORA_SIDECAR_DATA": str(data)}
+        params = {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(8), "outputPath": str(out),
+                  "maxSteps": 12, "batchSize": 2, "progressInterval": 0, "jobId": job_id}
+        argv, kill_after = None, 0
+        if phase == "loading":
+            argv = HOOKED_ARGV
+            env.update(LORA_SIDECAR_TEST_HOLD="loading:60", LORA_SIDECAR_TEST_HOLD_MARKER=str(tmp_path / "held"))
+        elif phase == "training":
+            params["maxSteps"] = 100_000
+            kill_after = rng.randint(1, 8)
+        with Sidecar(argv=argv, env=env) as proc:
+            proc.call("status")
+            proc.request("train", params)
+            if phase == "loading":
+                wait_file(tmp_path / "held", 120, proc.stderr)
+                time.sleep(rng.uniform(0.0, 0.5))
+            elif phase == "training":
+                proc.wait_for(lambda m: m.get("method") == "progress" and m["params"]["jobId"] == job_id
+                              and m["params"]["phase"] == "training" and m["params"]["step"] >= kill_after, 120)
+            else:
+                deadline = time.monotonic() + 120
+                while not leftovers(out) and not out.exists():
+                    assert time.monotonic() < deadline, proc.stderr()[-3000:]
+                    time.sleep(0.001)
+            proc.proc.send_signal(signal.SIGKILL)
+            proc.proc.wait(10)
+        # Leaving the block joined the reader: proc.all holds everything the dead process wrote.
+        progress = proc.progress(job_id)
+        phases = [p["phase"] for p in progress]
+        left = leftovers(out)
+        assert not out.exists() or adapter_is_complete(out), f"partial adapter at {out}"
+        if phase == "loading":
+            assert phases[-1] == "loading", phases
+            assert not out.exists() and left == [], (out.exists(), left)
+            expected = "interrupted"
+        elif phase == "training":
+            assert phases[-1] == "training" and "saving" not in phases, phases
+            assert progress[-1]["step"] >= kill_after
+            assert not out.exists() and left == [], (out.exists(), left)
+            expected = "interrupted"
+        else:
+            assert "saving" in phases and phases[-1] in ("saving", "completed"), phases
+            # Killed before the rename: the temporary directory and no output; after it: the whole
+            # adapter and no temporary directory. Never both, never neither.
+            assert bool(left) != out.exists(), (left, out.exists())
+            expected = "completed" if out.exists() else "interrupted"
+        with Sidecar(env={"LORA_SIDECAR_DATA": str(data)}) as proc:  # the next start-up sweeps what the job claimed
+            status = proc.call("status")["result"]
+            assert status["running"] is None
+            entry = next((j for j in status["recent"] if j["jobId"] == job_id), None)
+            assert entry is not None and entry["state"] == expected, entry
+            assert leftovers(out) == [], proc.stderr()
+            assert ("removed 1 temporary directory" in proc.stderr()) == bool(left), proc.stderr()[-3000:]
+            assert proc.close() == 0
+        print(f"{phase}-{seed}: killed after {phases[-1]} step {progress[-1]['step']}; output "
+              f"{'complete' if out.exists() else 'absent'}; left {left}; journal: {expected}")
+
+
+# --- soak ---------------------------------------------------------------------------------------------
+
+class TestSoak:
+    JOBS = 20  # alternately train and generate (with the adapter just trained)
+
+    def test_repeated_train_and_generate_jobs_keep_memory_flat(self, tiny_model_dir, tmp_path):
+        from tests.sidecar_proc import rss_bytes
+
+        rss = []
+        with Sidecar(env={"LORA_SIDECAR_DATA": str(tmp_path / "data")}) as proc:
+            for i in range(self.JOBS // 2):
+                out = tmp_path / f"a{i}"
+                result = proc.call("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
+                                             "outputPath": str(out), "maxSteps": 2, "batchSize": 2}, timeout=300)
+                assert result["result"]["status"] == "completed", result
+                rss.append(rss_bytes(proc.proc.pid))
+                gen = proc.call("generate", {"baseModel": str(tiny_model_dir), "adapterPath": str(out),
+                                             "messages": [{"role": "user", "content": "Hello"}], "maxNewTokens": 4})
+                assert gen["result"]["tokens"] >= 1, gen
+                rss.append(rss_bytes(proc.proc.pid))
+            assert proc.close() == 0
+            assert proc.bad_output == []
+        warm, last = rss[5], rss[-1]
+        growth = (last - warm) / warm
+        print(f"RSS after job 6: {warm / 2**20:.0f} MiB, after job {self.JOBS}: {last / 2**20:.0f} MiB "
+              f"({growth:+.1%}); all: {[round(r / 2**20) for r in rss]}")
+        assert growth < 0.05, f"RSS grew {growth:.1%} from job 6 to job {self.JOBS}"
+
+
+# --- In-process: no sidecar process ----------------------------------------------------------------
+
+def test_a_dead_stdout_never_raises_and_leaves_nothing_buffered():
+    """MessageWriter on a buffered stream whose reader has gone: the failed write closes the stream
+    (so no bytes stay in a buffer whose flush at exit would fail) and later writes are dropped."""
+    from sidecar.stdio import MessageWriter
+
+    read_fd, write_fd = os.pipe()
+    os.close(read_fd)
+    stream = os.fdopen(write_fd, "wb")  # buffered on purpose: the old failure
+    writer = MessageWriter(stream)
+    writer.write({"jsonrpc": "2.0", "method": "progress", "params": {"x": "y" * 100}})
+    assert writer.closed
+    # Nothing buffered: the stream itself is closed (a closed BufferedWriter holds no bytes and is
+    # not flushed again at exit) and so is its file descriptor; the writer no longer holds it.
+    assert stream.closed and writer.stream is not stream
+    with pytest.raises(OSError):
+        os.fstat(write_fd)
+    writer.write({"jsonrpc": "2.0", "id": 1, "result": None})  # dropped, no exception
+    writer.close()
+    writer.close()
+
+
+def test_an_os_error_on_a_client_path_becomes_a_path_error_naming_the_field(tmp_path):
+    import io
+
+    from sidecar import errors, wire
+    from sidecar.server import Server, path_error
+    from sidecar.stdio import FrameReader, MessageWriter
+
+    err = path_error(PermissionError(13, "Permission denied", f"{tmp_path}/out.tmp-job"),
+                     {"baseModel": "m", "outputPath": str(tmp_path / "out")})
+    assert err.CODE == -32040 and err.data["field"] == "$.outputPath" and err.data["errno"] == "EACCES"
+    assert path_error(PermissionError(13, "Permission denied", "/etc/other"), {"outputPath": "/tmp/x"}) is None
+    assert path_error(ValueError("not an OSError"), {"outputPath": "/tmp/x"}) is None
+
+    server = Server(FrameReader(io.BytesIO()), MessageWriter(io.BytesIO()))
+    try:
+        params = wire.decode_params({"datasetPath": str(tmp_path / "data.jsonl")}, wire.TrainParams)
+
+        def failing(job, report, should_stop):
+            raise IsADirectoryError(21, "Is a directory", str(tmp_path / "data.jsonl"))
+
+        server._run_train = failing
+        job = server.jobs.submit("train", params, job_id="j", base_model="m", received_at=time.time())
+        with pytest.raises(errors.PathError) as caught:
+            job.future.result(30)
+        assert caught.value.data["field"] == "$.datasetPath" and "Is a directory" in caught.value.message
+    finally:
+        server.jobs.stop(5)
+
+
+def test_fuzzer_and_server_agree_on_the_nesting_limit():
+    from sidecar import server
+    from tests import fuzz
+
+    assert fuzz.MAX_DEPTH == server.MAX_NESTING_DEPTH
+
 
 def hold_lock(path: Path) -> int:
     """Hold a claims file's lock as a live sidecar would (flock: per open file, also in one process)."""
@@ -346,92 +498,3 @@ class TestHousekeeping:
         blocker.write_text("not a directory")
         claims, removed = housekeeping.start(run_dir=blocker / "run", adapters_dir=tmp_path / "none")
         assert claims is None and removed == []
-
-
-def adapter_is_complete(out: Path) -> bool:
-    from safetensors import safe_open
-
-    names = {p.name for p in out.iterdir()}
-    if not {"adapter_model.safetensors", "adapter_config.json", "training_manifest.json"} <= names:
-        return False
-    json.loads((out / "adapter_config.json").read_text())
-    json.loads((out / "training_manifest.json").read_text())
-    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
-        return len(list(f.keys())) > 0
-
-
-def leftovers(out: Path) -> list[str]:
-    if not out.parent.is_dir():
-        return []
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + ".tmp-"))
-
-
-class TestKill9:
-    """kill -9 at random moments of a real tiny-model job: the output path holds a complete adapter
-    or nothing, and what a kill leaves (``<out>.tmp-<job>``) is gone after the next start-up."""
-
-    SEEDS = [1, 2, 3, 4]
-
-    @pytest.mark.parametrize("seed", SEEDS)
-    def test_kill_at_a_random_moment(self, seed, tiny_model_dir, tmp_path):
-        import random
-
-        rng = random.Random(seed)
-        data = tmp_path / "data"
-        out = tmp_path / "adapters" / "out"
-        env = {"LORA_SIDECAR_DATA": str(data)}
-        with Sidecar(env=env) as proc:
-            proc.call("status")
-            started = time.monotonic()
-            proc.request("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(8), "outputPath": str(out),
-                                   "maxSteps": 12, "batchSize": 2, "progressInterval": 0, "jobId": f"kill-{seed}"})
-            if seed % 2:  # anywhere in the job (it takes a few seconds here: loading, training, saving)
-                time.sleep(rng.uniform(0.2, 10.0))
-            else:  # while the temporary directory exists
-                deadline = time.monotonic() + 120
-                while not leftovers(out) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-            proc.proc.send_signal(signal.SIGKILL)
-            proc.proc.wait(10)
-            killed_after = time.monotonic() - started
-        left = leftovers(out)
-        assert not out.exists() or adapter_is_complete(out), f"partial adapter at {out}"
-        if seed % 2 == 0:
-            assert left or out.exists(), "the kill was meant to hit the saving phase"
-        with Sidecar(env=env) as proc:  # the next start-up sweeps what the dead job claimed
-            assert proc.call("status")["result"]["running"] is None
-            assert leftovers(out) == [], proc.stderr()
-            if left:
-                assert "removed 1 temporary directory" in proc.stderr()
-            assert proc.close() == 0
-        print(f"seed {seed}: killed after {killed_after:.2f} s; output {'complete' if out.exists() else 'absent'};"
-              f" left {left}")
-
-
-# --- soak ---------------------------------------------------------------------------------------------
-
-class TestSoak:
-    JOBS = 20  # alternately train and generate (with the adapter just trained)
-
-    def test_repeated_train_and_generate_jobs_keep_memory_flat(self, tiny_model_dir, tmp_path):
-        from tests.sidecar_proc import rss_bytes
-
-        rss = []
-        with Sidecar(env={"LORA_SIDECAR_DATA": str(tmp_path / "data")}) as proc:
-            for i in range(self.JOBS // 2):
-                out = tmp_path / f"a{i}"
-                result = proc.call("train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
-                                             "outputPath": str(out), "maxSteps": 2, "batchSize": 2}, timeout=300)
-                assert result["result"]["status"] == "completed", result
-                rss.append(rss_bytes(proc.proc.pid))
-                gen = proc.call("generate", {"baseModel": str(tiny_model_dir), "adapterPath": str(out),
-                                             "messages": [{"role": "user", "content": "Hello"}], "maxNewTokens": 4})
-                assert gen["result"]["tokens"] >= 1, gen
-                rss.append(rss_bytes(proc.proc.pid))
-            assert proc.close() == 0
-            assert proc.bad_output == []
-        warm, last = rss[5], rss[-1]
-        growth = (last - warm) / warm
-        print(f"RSS after job 6: {warm / 2**20:.0f} MiB, after job {self.JOBS}: {last / 2**20:.0f} MiB "
-              f"({growth:+.1%}); all: {[round(r / 2**20) for r in rss]}")
-        assert growth < 0.05, f"RSS grew {growth:.1%} from job 6 to job {self.JOBS}"
