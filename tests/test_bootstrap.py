@@ -117,16 +117,85 @@ def test_bootstrap_help_and_unknown_option(tmp_path: Path):
     assert not (tmp_path / "env").exists()
 
 
-def test_bootstrap_refuses_a_python_older_than_3_10(tmp_path: Path):
-    # A fake interpreter that reports 3.9 is rejected before anything is created or installed.
-    fake = tmp_path / "python3.9"
-    fake.write_text("#!/bin/sh\nexit 1\n")
+def _fake_python(bin_dir: Path, name: str, version: tuple[int, int]) -> Path:
+    """``bin_dir/name``: this test's real interpreter, reporting ``version`` as ``sys.version_info`` (a
+    sitecustomize sets it before any code runs, so bootstrap's own ``python_ok`` comparison decides) and its own
+    path as ``sys.executable``. It cannot build anything: ``venv`` and ``ensurepip`` do not import and ``-m`` is
+    refused, so a bootstrap that accepts it stops at "cannot create virtual environments"."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    fake = bin_dir / name
+    site = bin_dir.parent / f"site-{name}"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"sys.version_info = ({version[0]}, {version[1]}, 0, 'final', 0)\n"
+        f"sys.executable = {str(fake)!r}\n"
+        "sys.modules['venv'] = None\n"
+        "sys.modules['ensurepip'] = None\n")
+    fake.write_text('#!/bin/sh\ncase "$1" in -m) echo "fake python: -m refused" >&2; exit 97;; esac\n'
+                    f'PYTHONPATH="{site}" exec "{sys.executable}" "$@"\n')
     fake.chmod(0o755)
-    env = _env(LORA_SIDECAR_ENV=str(tmp_path / "env"), LORA_SIDECAR_PYTHON=str(fake))
+    check = subprocess.run([str(fake), "-c", "import sys; print(tuple(sys.version_info[:2]), sys.executable)"],
+                           capture_output=True, text=True)
+    assert check.stdout.split() == [f"({version[0]},", f"{version[1]})", str(fake)], check
+    return fake
+
+
+def _bootstrap_until_python_chosen(env: dict[str, str]) -> subprocess.CompletedProcess:
     result = _run(["bash", str(BOOTSTRAP / "bootstrap.sh")], env=env)
+    if "not enough disk space" in result.stderr:
+        pytest.skip("bootstrap stops on free disk space before it chooses a Python here")
+    return result
+
+
+CANNOT_VENV = "cannot create virtual environments"
+
+
+@pytest.mark.parametrize("version, accepted", [((3, 9), False), ((2, 7), False), ((3, 10), True), ((3, 13), True)])
+def test_lora_sidecar_python_is_checked_by_its_version(tmp_path: Path, version, accepted):
+    """LORA_SIDECAR_PYTHON reporting ``version``: below 3.10 bootstrap refuses it before creating anything; from
+    3.10 it takes it (and then stops at the fake's missing venv module, never building an environment)."""
+    fake = _fake_python(tmp_path / "bin", f"python{version[0]}.{version[1]}", version)
+    env = _env(LORA_SIDECAR_ENV=str(tmp_path / "env"), LORA_SIDECAR_PYTHON=str(fake))
+    result = _bootstrap_until_python_chosen(env)
     assert result.returncode != 0
-    assert "LORA_SIDECAR_PYTHON" in result.stderr and ">= 3.10" in result.stderr
-    assert not (tmp_path / "env" / "bin").exists()
+    if accepted:
+        assert f"{fake} {CANNOT_VENV}" in result.stderr, result.stderr
+        assert "is not a working Python" not in result.stderr
+    else:
+        assert f"LORA_SIDECAR_PYTHON={fake} is not a working Python >= 3.10" in result.stderr, result.stderr
+        assert CANNOT_VENV not in result.stderr
+    assert not (tmp_path / "env" / "bin").exists() and not (tmp_path / "env" / "pyvenv.cfg").exists()
+
+
+SEARCHED = ["python3", "python3.13", "python3.12", "python3.11", "python3.10", "python"]
+
+
+@pytest.mark.parametrize("versions, chosen", [
+    ({name: (3, 9) for name in SEARCHED}, None),                       # every candidate too old: refused
+    ({**{name: (3, 9) for name in SEARCHED}, "python3.12": (3, 12)}, "python3.12"),  # the first new enough one
+    ({**{name: (3, 8) for name in SEARCHED}, "python3": (3, 11), "python3.10": (3, 10)}, "python3"),
+])
+def test_python_search_on_path_skips_interpreters_older_than_3_10(tmp_path: Path, versions, chosen):
+    """Without LORA_SIDECAR_PYTHON bootstrap tries python3, python3.13 … python3.10, python on PATH in turn and
+    takes the first whose version is >= 3.10 (fakes shadow every real interpreter on PATH)."""
+    bin_dir = tmp_path / "bin"
+    fakes = {name: _fake_python(bin_dir, name, v) for name, v in versions.items()}
+    path = f"{bin_dir}:{os.environ.get('PATH', '/usr/bin:/bin')}"
+    env = {**_env(LORA_SIDECAR_ENV=str(tmp_path / "env"), PATH=path, HOME=str(tmp_path), MAMBA_EXE="")}
+    mamba = subprocess.run(["bash", "-c", "command -v micromamba || ls /usr/local/bin/micromamba "
+                            "/opt/micromamba/bin/micromamba"], env=env, capture_output=True, text=True)
+    if mamba.returncode == 0 and mamba.stdout.strip():
+        pytest.skip(f"a micromamba is installed ({mamba.stdout.split()[0]}): bootstrap would not search for a Python")
+    result = _bootstrap_until_python_chosen(env)
+    assert result.returncode != 0
+    if chosen is None:
+        assert "no Python >= 3.10 found" in result.stderr, result.stderr
+        assert CANNOT_VENV not in result.stderr
+    else:
+        assert f"{fakes[chosen]} {CANNOT_VENV}" in result.stderr, result.stderr
+        assert "no Python >= 3.10 found" not in result.stderr
+    assert not (tmp_path / "env" / "bin").exists() and not (tmp_path / "env" / "pyvenv.cfg").exists()
 
 
 def test_bootstrap_force_refuses_to_delete_a_directory_that_is_not_an_environment(tmp_path: Path):

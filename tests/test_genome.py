@@ -58,6 +58,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
     }
     for i in range(12):
         made[f"r{i}"] = make_adapter(tiny_model_dir, root / f"r{i}", rank=8, alpha=16, seed=100 + i)
+    made["wide16"] = make_adapter(tiny_model_dir, root / "wide16", rank=16, alpha=16, seed=200)  # two rank-8 slots
     # An adapter for another architecture (hidden 96, 3 layers): a different base.
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -205,13 +206,22 @@ class TestResidency:
         assert call(proc, "status", {})["adapters"] == listed
         assert call(proc, "supports", {})["limits"]["adapterBudgetBytes"] == listed["budgetBytes"]
 
-        # Pin everything: a sixth adapter cannot fit, and nothing is evicted trying.
+        # Pin everything: a sixth adapter cannot fit, and the failed load changes nothing (same residents,
+        # pins, bytes and use times as before it).
         for name in ("r9", "r10", "r11"):
             assert call(proc, "adapters/load", {"path": str(adapters[name]), "pin": True})["pinned"]
+        before = call(proc, "adapters/list", {})
         err = proc.call("adapters/load", {"path": str(adapters["r2"])})["error"]
         assert err["code"] == -32023 and "pinned" in err["message"] and len(err["data"]["held"]) == 5
-        assert call(proc, "adapters/list", {})["adapters"] == call(proc, "adapters/list", {})["adapters"]
-        assert len(call(proc, "adapters/list", {})["adapters"]) == 5
+        assert call(proc, "adapters/list", {}) == before
+        assert len(before["adapters"]) == 5
+        # One unpinned resident is not room enough for a rank-16 adapter (two rank-8 slots): the load fails
+        # without evicting the one it could have evicted.
+        assert call(proc, "adapters/load", {"path": str(adapters["r10"]), "pin": False})["pinned"] is False
+        before = call(proc, "adapters/list", {})
+        err = proc.call("adapters/load", {"path": str(adapters["wide16"])})["error"]
+        assert err["code"] == -32023, err
+        assert call(proc, "adapters/list", {}) == before
         call(proc, "adapters/unload", {"id": ids["r11"]})
         assert call(proc, "adapters/load", {"path": str(adapters["r2"])})["evicted"] == []
 
@@ -291,7 +301,11 @@ class TestStackExamCompose:
         bare = ask(proc, tiny_model_dir, question=question)
         assert resident["tokenIds"] == from_disk["tokenIds"]
         assert max_diff(resident["logprobs"], from_disk["logprobs"]) < 1e-5
-        assert resident["logprobs"] != bare["logprobs"]  # the adapter does something
+        # Effect floor: the bare base scores the resident's tokens >= 10x the tolerance differently, and the
+        # planted error (A at 0.9 of its scale) fails the comparison: both sides of 1e-5 mean something.
+        assert max_diff(own_logprobs(tiny_model_dir, [], question, resident["tokenIds"]), resident["logprobs"]) >= 1e-4
+        wrong = own_logprobs(tiny_model_dir, [(adapters["A"], 0.9)], question, resident["tokenIds"])
+        assert max_diff(wrong, resident["logprobs"]) >= 1e-4
         out = subprocess.run([sys.executable, "-c", STOCK_PEFT, str(adapters["A"]), question,
                               json.dumps(resident["tokenIds"])], capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
@@ -437,19 +451,37 @@ class TestStackExamCompose:
         assert ask(proc, tiny_model_dir)["logprobs"] == bare["logprobs"]
         assert proc.call("generate", {"baseModel": str(tiny_model_dir), "messages": [{"role": "user", "content": "x"}],
                                       "adapters": [{"id": "r7"}]})["error"]["code"] == -32018
-        assert seven["logprobs"] != six["logprobs"]
+        # Effect floor for the exact comparisons above: had the unload taken r6 off, or left r7 on, r6's answer
+        # would have moved by >= 1e-3 (scored here with the bare base and with r6 + r7, by hand).
+        bare_on_six = own_logprobs(tiny_model_dir, [], QUESTIONS[0], six["tokenIds"])
+        both_on_six = own_logprobs(tiny_model_dir, [(adapters["r6"], 1.0), (adapters["r7"], 1.0)], QUESTIONS[0],
+                                   six["tokenIds"])
+        assert max_diff(bare_on_six, six["logprobs"]) >= 1e-3 and max_diff(both_on_six, six["logprobs"]) >= 1e-3
+        assert max_diff(own_logprobs(tiny_model_dir, [(adapters["r6"], 1.0)], QUESTIONS[0], six["tokenIds"]),
+                        six["logprobs"]) < 1e-4
+        assert max_diff(own_logprobs(tiny_model_dir, [(adapters["r7"], 1.0)], QUESTIONS[0], seven["tokenIds"]),
+                        seven["logprobs"]) < 1e-4
 
     def test_train_with_load_is_usable_at_once(self, proc, tiny_model_dir, tmp_path):
+        """The adapter a ``train {load: true}`` leaves resident gives the log-probs of the same adapter read from
+        disk (1e-5) and of W + (α/r)·B·A by hand (1e-4). Trained at lr 1e-2 (not the default 2e-4, whose B of
+        ~3e-4 barely moves the tiny model) so that the bare base, or the adapter at half scale, is >= 10x the
+        tolerance away."""
         out = tmp_path / "trained"
         result = call(proc, "train", {"baseModel": str(tiny_model_dir), "dataset": chat_dataset(4),
-                                      "outputPath": str(out), "maxSteps": 2, "batchSize": 2, "load": True},
-                      timeout=300)
+                                      "outputPath": str(out), "maxSteps": 4, "batchSize": 2, "load": True,
+                                      "learningRate": 1e-2}, timeout=300)
         assert result["adapterId"] and result["warnings"] == []
         listed = {a["id"]: a for a in call(proc, "adapters/list", {})["adapters"]}
         assert listed[result["adapterId"]]["path"] == str(out)
         resident = ask(proc, tiny_model_dir, adapters=[{"id": result["adapterId"]}])
         from_disk = ask(proc, tiny_model_dir, adapterPath=str(out))
+        assert resident["tokenIds"] == from_disk["tokenIds"]
         assert max_diff(resident["logprobs"], from_disk["logprobs"]) < 1e-5
+        tokens = resident["tokenIds"]
+        assert max_diff(own_logprobs(tiny_model_dir, [(out, 1.0)], QUESTIONS[0], tokens), resident["logprobs"]) < 1e-4
+        assert max_diff(own_logprobs(tiny_model_dir, [], QUESTIONS[0], tokens), resident["logprobs"]) >= 1e-3
+        assert max_diff(own_logprobs(tiny_model_dir, [(out, 0.5)], QUESTIONS[0], tokens), resident["logprobs"]) >= 1e-3
 
 
 def test_residents_survive_their_base_leaving_the_model_cache(adapters, tiny_model_dir, tmp_path):
