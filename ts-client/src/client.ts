@@ -93,6 +93,11 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+export interface ShutdownOptions extends CallOptions {
+  /** Let the jobs sent before the shutdown finish instead of cancelling them (`shutdown {drain: true}`). */
+  drain?: boolean;
+}
+
 export interface TrainOptions extends CallOptions {
   /** Each progress notification of this job, in order. Exceptions thrown here are logged, not raised. */
   onProgress?: (progress: Progress) => void;
@@ -258,9 +263,15 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
     return this.request("adapters/compose", params, options);
   }
 
-  /** Ask the sidecar to stop (it cancels its jobs). Follow with dispose(), which also sends `exit`. */
-  shutdown(options?: CallOptions): Promise<ShutdownResult> {
-    return this.request("shutdown", {}, options);
+  /**
+   * Ask the sidecar to stop. By default it cancels its queued and running jobs; with
+   * `{ drain: true }` it lets every job sent before the shutdown run to its end (their results
+   * settle first) and then answers — set `timeoutMs` to cover those jobs, or leave it unset. New
+   * jobs are refused from then on either way. Follow with dispose(), which also sends `exit`.
+   */
+  shutdown(options: ShutdownOptions = {}): Promise<ShutdownResult> {
+    const { drain, ...callOptions } = options;
+    return this.request("shutdown", drain === undefined ? {} : { drain }, callOptions);
   }
 
   /** Train an adapter; resolves when the job completes. */

@@ -1,5 +1,5 @@
 export { SidecarClient } from "./client.js";
-export type { CallOptions, Logger, SidecarClientEvents, SidecarClientOptions, TrainJob, TrainOptions } from "./client.js";
+export type { CallOptions, Logger, ShutdownOptions, SidecarClientEvents, SidecarClientOptions, TrainJob, TrainOptions } from "./client.js";
 export {
   ErrorCodes,
   NOT_BOOTSTRAPPED_EXIT_CODE,

@@ -518,6 +518,7 @@ export interface Quantization {
 }
 
 export interface ShutdownParams {
+  drain?: boolean | null;
 }
 
 export interface ShutdownResult {
