@@ -89,11 +89,18 @@ class TestEmbeddedSmolLM2:
         assert "<|im_start|>" in template
 
     def test_stock_peft_in_a_fresh_process_gives_the_sidecars_logprobs(self, sidecar, trained):
+        """Stock PEFT in a fresh process scores the sidecar's adapted answer within TOL of the sidecar. The answer
+        is memorised (log-probs near 0), so the comparison is also held where it has power: on the tokens whose
+        log-prob the adapter moves by >= 10x TOL (the base model's scores, from the same process), of which there
+        must be several; and the same comparison must fail, by >= 10x TOL, for stock PEFT at half the adapter's
+        scale (a planted error)."""
+        tol = 1e-4
         result = ask(sidecar, QUESTIONS[0], trained["adapterPath"], logprobs=True)
         assert len(result["logprobs"]) == len(result["tokenIds"]) == result["tokens"]
         script = r"""
 import json, sys, torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 adapter, question, ids = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 config = json.load(open(adapter + "/adapter_config.json"))
@@ -104,17 +111,36 @@ text = tok.apply_chat_template([{"role": "user", "content": question}], add_gene
                                tokenize=False)
 prompt = tok(text, add_special_tokens=False)["input_ids"]
 full = torch.tensor([list(prompt) + ids])
-with torch.no_grad():
-    logits = model(full).logits[0, len(prompt) - 1:-1]
-lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
-print(json.dumps(lp.tolist()))
+
+def logprobs():
+    with torch.no_grad():
+        logits = model(full).logits[0, len(prompt) - 1:-1]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0].tolist()
+
+out = {"peft": logprobs()}
+with model.disable_adapter():
+    out["base"] = logprobs()
+for module in model.modules():
+    if isinstance(module, LoraLayer):
+        for name in module.scaling:
+            module.scaling[name] *= 0.5
+out["half"] = logprobs()
+print(json.dumps(out))
 """
         out = subprocess.run([sys.executable, "-c", script, trained["adapterPath"], QUESTIONS[0],
                               json.dumps(result["tokenIds"])], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         fresh = json.loads(out.stdout.strip().splitlines()[-1])
-        assert len(fresh) == len(result["logprobs"])
-        assert max(abs(a - b) for a, b in zip(fresh, result["logprobs"])) < 1e-4
+        sidecar_lp = result["logprobs"]
+        assert len(fresh["peft"]) == len(fresh["base"]) == len(fresh["half"]) == len(sidecar_lp)
+        diffs = [abs(a - b) for a, b in zip(fresh["peft"], sidecar_lp)]
+        assert max(diffs) < tol, diffs
+        # Effect floor: the tokens the adapter moves by >= 10x tol, and the comparison holds on them.
+        moved = [t for t, (b, s) in enumerate(zip(fresh["base"], sidecar_lp)) if abs(b - s) >= 10 * tol]
+        assert len(moved) >= 3, (fresh["base"], sidecar_lp)
+        assert max(diffs[t] for t in moved) < tol
+        # Planted error: the adapter at half scale fails the same comparison.
+        assert max(abs(a - b) for a, b in zip(fresh["half"], sidecar_lp)) >= 10 * tol, (fresh["half"], sidecar_lp)
 
     def test_second_job_starts_at_once_on_the_warm_model(self, sidecar, trained, tmp_path):
         result = sidecar.call("train", {"baseModel": "default", "datasetPath": str(dataset_path()),
