@@ -178,8 +178,9 @@ class TestTrainOverStdio:
         result = sidecar.call("train", train_params(tiny_model_dir, tmp_path / "b", jobId="warm-2"),
                               timeout=300)["result"]
         assert result["metrics"]["modelCached"] is True
+        # Warm reuse shown by what happened (no load, no loading phase), not by a time a loaded machine can break.
         assert result["metrics"]["loadTimeMs"] == 0
-        assert 0 < result["metrics"]["timeToFirstStepMs"] < 30_000
+        assert result["metrics"]["timeToFirstStepMs"] > 0
         assert "loading" not in [p["phase"] for p in sidecar.progress("warm-2")]
         assert str(tiny_model_dir) in " ".join(sidecar.call("status")["result"]["loadedModels"])
 

@@ -146,7 +146,8 @@ print(json.dumps(out))
         result = sidecar.call("train", {"baseModel": "default", "datasetPath": str(dataset_path()),
                                         "outputPath": str(tmp_path / "again"), "maxSteps": 2, "jobId": "smol-2"},
                               timeout=600)["result"]
-        assert result["metrics"]["modelCached"] is True
+        # "At once" as what happened: no model load and no loading phase. The speed target (≤ 0.5 s) is the
+        # benchmark's; a wall-clock bound here would depend on the machine's load.
+        assert result["metrics"]["modelCached"] is True and result["metrics"]["loadTimeMs"] == 0
         assert "loading" not in [p["phase"] for p in sidecar.progress("smol-2")]
-        # The benchmark holds the speed target (≤ 0.5 s); here only a loose sanity bound.
-        assert result["metrics"]["timeToFirstStepMs"] < 20_000
+        assert result["metrics"]["timeToFirstStepMs"] > 0
