@@ -1,7 +1,9 @@
 /**
  * resumeInterrupted() against the REAL sidecar: a job killed with SIGKILL mid-run is listed as
  * interrupted by the restarted sidecar and finishes from its checkpoint with the uninterrupted
- * job's losses.
+ * job's losses. Equal losses alone would also come from a silent rerun from step 0 (the run is
+ * deterministic), so the resumed job's progress notifications must begin at the checkpoint's step
+ * and cover only the remaining steps.
  */
 
 import assert from "node:assert/strict";
@@ -10,7 +12,7 @@ import { after, before, describe, it } from "node:test";
 
 import { SidecarClient } from "../../src/client.js";
 import { SidecarExitedError } from "../../src/errors.js";
-import type { TrainParams } from "../../src/wire.js";
+import type { Progress, TrainParams } from "../../src/wire.js";
 import { chatExamples, requireEnvironment, tempDir, tinyModel } from "./helpers.js";
 
 describe("resumeInterrupted with the real sidecar", () => {
@@ -65,13 +67,27 @@ describe("resumeInterrupted with the real sidecar", () => {
     assert.equal(listed?.state, "interrupted");
     assert.ok(listed?.lastCheckpoint && listed.lastCheckpoint.step >= checkpointStep, JSON.stringify(listed));
 
-    const resumed = await client.resumeInterrupted();
+    // progressInterval 0 (kept from the interrupted job's params): one `training` notification when
+    // training begins (the step it starts from), one after every step, one more after a checkpoint.
+    const trainingSteps: number[] = [];
+    const resumed = await client.resumeInterrupted({
+      onProgress: (p: Progress) => {
+        if (p.jobId === jobId && p.phase === "training") trainingSteps.push(p.step);
+      },
+    });
     assert.deepEqual(resumed.map((j) => j.jobId), [jobId]);
     const result = await resumed[0]!.result;
     assert.equal(result.status, "completed");
     assert.equal(result.adapterPath, join(out, "resumed"), "same output path as the interrupted job");
     assert.equal(result.metrics.steps, 30);
-    assert.equal(result.metrics.resumedFromStep, listed!.lastCheckpoint!.step);
+    const from = listed!.lastCheckpoint!.step;
+    assert.equal(result.metrics.resumedFromStep, from);
+    // It really continued: training began at the checkpoint's step and ran only steps from+1 … 30
+    // (a resume that silently restarted from step 0 would notify step 0 and steps 1 … from again).
+    assert.equal(trainingSteps[0], from, `training began at step ${trainingSteps[0]}, not ${from}`);
+    assert.deepEqual(trainingSteps, [...trainingSteps].sort((a, b) => a - b));
+    const executed = [...new Set(trainingSteps)].filter((s) => s !== from);
+    assert.deepEqual(executed, Array.from({ length: 30 - from }, (_, i) => from + 1 + i));
 
     // The same job without interruption: the same losses.
     const plain = await client.train(params({ outputPath: join(out, "plain"), checkpointEvery: 0, checkpointSeconds: 0 }));
