@@ -1,6 +1,9 @@
 /**
  * SidecarClient against the REAL sidecar (bootstrap/train-wrapper.sh -m sidecar) and a tiny
  * model: one warm process serves the tests in order, as an application would use it.
+ *
+ * Nothing here depends on the machine's load: "at once" is checked as an ordering within the
+ * event loop, and the one wall-clock bound left (kill -9) says what it separates and holds at load 4.
  */
 
 import assert from "node:assert/strict";
@@ -10,7 +13,7 @@ import { after, before, describe, it } from "node:test";
 
 import { SidecarClient } from "../../src/client.js";
 import { ErrorCodes, SidecarCancelledError, SidecarError, SidecarExitedError } from "../../src/errors.js";
-import type { Progress, TrainParams } from "../../src/wire.js";
+import type { Example, Progress, TrainParams } from "../../src/wire.js";
 import { PHASE_ORDER, chatExamples, requireEnvironment, tempDir, tinyModel } from "./helpers.js";
 
 describe("SidecarClient with the real sidecar", () => {
@@ -48,7 +51,11 @@ describe("SidecarClient with the real sidecar", () => {
     assert.equal(s.model?.resolvable, true);
     assert.equal(s.model?.kind, "directory");
     assert.ok(s.methods.includes("train"));
-    assert.ok(stderr.some((l) => l.includes("ready")), "the sidecar's log lines reach onStderr");
+    // stderr is a separate pipe from the answer's stdout, so its "ready" line may be read after
+    // the answer: wait for it (the bound only turns "never" into a failure).
+    const deadline = Date.now() + 30_000;
+    while (!stderr.some((l) => l.includes("ready")) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    assert.ok(stderr.some((l) => l.includes("ready")), `the sidecar's log lines reach onStderr: ${stderr.slice(-5).join(" | ")}`);
   });
 
   it("train: progress arrives in order, then the adapter files exist where the result says", async () => {
@@ -78,15 +85,56 @@ describe("SidecarClient with the real sidecar", () => {
     assert.equal(typeof JSON.parse(readFileSync(result.manifestPath, "utf8")), "object");
   });
 
-  it("generate: the trained adapter answers", async () => {
-    const r = await client.generate({
-      baseModel: model,
-      adapterPath: join(out, "first"),
-      messages: [{ role: "user", content: "What is 2 plus one?" }],
-      maxNewTokens: 4,
-    });
-    assert.equal(typeof r.text, "string");
-    assert.ok(r.tokens > 0 && r.tokens <= 4);
+  it("generate: an adapter taught one answer moves the greedy answer onto that answer's words; the base model, asked before and after, answers as the base", async () => {
+    // The tiny model is random with tied embeddings of std 0.02, so its loss cannot fall far below
+    // ~8 nats and no adapter makes it say the answer verbatim. What an adapter trained hard on one
+    // answer reliably does is move greedy decoding onto that answer's words. Measured with these
+    // settings (1 and 2 torch threads alike): base "\n\n\n\n\n\n\n\n", adapter "23  plus 3 3".
+    const question = "What is 2 plus one?";
+    const answer = "2 plus one is 3.";
+    const taughtExample: Example = { messages: [{ role: "user", content: question }, { role: "assistant", content: answer }] };
+    const taught = await client.train(
+      params({
+        dataset: { examples: [taughtExample, taughtExample, taughtExample, taughtExample] },
+        batchSize: 4,
+        maxSteps: 30,
+        learningRate: 2e-2,
+        rank: 8,
+        alpha: 16,
+        scheduler: "constant",
+        warmupRatio: 0,
+        dropout: 0,
+        outputPath: join(out, "taught"),
+      }),
+    );
+    const ask = (adapterPath?: string) =>
+      client.generate({
+        baseModel: model,
+        ...(adapterPath ? { adapterPath } : {}),
+        messages: [{ role: "user", content: question }],
+        maxNewTokens: 8,
+        temperature: 0,
+        logprobs: true,
+      });
+    const base = await ask();
+    const adapted = await ask(taught.adapterPath);
+    const baseAgain = await ask();
+
+    const words = (text: string) => text.split(/[^A-Za-z0-9]+/).filter(Boolean);
+    const taughtWords = new Set(words(answer));
+    const fromAnswer = (text: string) => words(text).filter((w) => taughtWords.has(w));
+    // Control: greedy decoding of the base is repeatable, and an adapter used in between does not
+    // stay applied to it.
+    assert.deepEqual(baseAgain.tokenIds, base.tokenIds, "the base answers the same before and after the adapter");
+    assert.deepEqual(baseAgain.logprobs, base.logprobs);
+    assert.deepEqual(fromAnswer(base.text), [], `the base does not already say the answer's words: ${JSON.stringify(base.text)}`);
+    // The adapter is applied, and it is the taught one.
+    assert.ok(adapted.tokens > 0 && adapted.tokens <= 8);
+    assert.notDeepEqual(adapted.tokenIds, base.tokenIds, `with the adapter the answer changes: ${JSON.stringify(adapted.text)}`);
+    assert.ok(
+      fromAnswer(adapted.text).length > 0,
+      `the adapted answer ${JSON.stringify(adapted.text)} uses words of the taught answer ${JSON.stringify(answer)}; the base said ${JSON.stringify(base.text)}`,
+    );
   });
 
   it("exportAdapter: a GGUF LoRA file is written and recorded; a format the adapter cannot take is refused", async () => {
@@ -145,31 +193,38 @@ describe("SidecarClient with the real sidecar", () => {
     assert.equal(status.adapters?.adapters.length, 2);
   });
 
-  it("abort mid-training rejects as cancelled, and the next train succeeds", async () => {
+  it("abort mid-training releases the caller at once (same event-loop turn) with SidecarCancelledError; the sidecar records the job as cancelled and the next train succeeds", async () => {
     const ac = new AbortController();
     const outputPath = join(out, "aborted");
-    let abortedAt = 0;
-    const pending = client.train(params({ maxSteps: 500, outputPath }), {
+    let aborted = false;
+    const order: string[] = [];
+    const job = client.startTrain(params({ maxSteps: 500, outputPath }), {
       signal: ac.signal,
       onProgress: (p) => {
-        if (p.phase === "training" && p.step >= 1 && !abortedAt) {
-          abortedAt = Date.now();
-          ac.abort();
+        if (p.phase === "training" && p.step >= 1 && !aborted) {
+          aborted = true;
+          ac.abort(new Error("stop from the test"));
+          // The next event-loop turn: before the sidecar could possibly have answered the cancel.
+          setImmediate(() => order.push("next turn"));
         }
       },
     });
-    const err = await pending.catch((e) => e);
+    const err = await job.result.catch((e) => {
+      order.push("rejected");
+      return e;
+    });
     assert.ok(err instanceof SidecarCancelledError, String(err));
     assert.equal(err.code, -32800);
-    assert.ok(Date.now() - abortedAt < 1000, "the caller is released at once");
+    assert.equal(err.data?.["reason"], "stop from the test", "the client's own rejection, not the sidecar's answer");
+    assert.equal(order[0], "rejected", `the caller is released at once, not when the sidecar answers (${order})`);
 
     // The sidecar really stops the job: the next one runs to completion after it.
     const next = await client.train(params({ maxSteps: 2, outputPath: join(out, "after-abort") }));
     assert.equal(next.status, "completed");
     assert.ok(existsSync(join(next.adapterPath, "adapter_model.safetensors")));
     const status = await client.status();
-    const aborted = status.recent.find((j) => j.state === "cancelled");
-    assert.ok(aborted, `the aborted job is recorded as cancelled: ${JSON.stringify(status.recent)}`);
+    const recorded = status.recent.find((j) => j.jobId === job.jobId);
+    assert.equal(recorded?.state, "cancelled", `the aborted job is recorded as cancelled: ${JSON.stringify(status.recent)}`);
     assert.equal(existsSync(join(outputPath, "adapter_model.safetensors")), false, "a cancelled job leaves no adapter");
   });
 
@@ -182,7 +237,7 @@ describe("SidecarClient with the real sidecar", () => {
     assert.match(err.message, /rank/);
   });
 
-  it("kill -9 of the child mid-job rejects the pending call with SidecarExitedError within a second; the next call restarts it", async () => {
+  it("kill -9 of the child mid-job rejects the pending call with SidecarExitedError (signal SIGKILL) promptly; the next call restarts it", async () => {
     const pid = client.pid!;
     assert.ok(pid > 0);
     let killedAt = 0;
@@ -198,7 +253,9 @@ describe("SidecarClient with the real sidecar", () => {
     const latency = Date.now() - killedAt;
     assert.ok(err instanceof SidecarExitedError, String(err));
     assert.equal(err.signal, "SIGKILL");
-    assert.ok(latency < 1000, `rejected ${latency} ms after the kill`);
+    // The call has no timeout and a dead child never answers, so only the exit handling can settle
+    // it; the client waits at most 250 ms for the pipes after the exit. 5 s holds at load 4.
+    assert.ok(latency < 5000, `rejected ${latency} ms after the kill`);
 
     const s = await client.supports();
     assert.equal(s.supportsFineTuning, true);

@@ -2,6 +2,7 @@
 
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
+import { createRequire, syncBuiltinESMExports } from "node:module";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 
@@ -9,6 +10,29 @@ import { NOT_BOOTSTRAPPED_MESSAGE } from "../../src/errors.js";
 import { LoRATrainer, type LoRATrainingRequest } from "../../src/trainer.js";
 import type { Progress } from "../../src/wire.js";
 import { chatExamples, requireEnvironment, tempDir, tinyModel } from "./helpers.js";
+
+/**
+ * Counts the synchronous `supports` probes: LoRATrainer runs each one with child_process.spawnSync
+ * (and nothing else does), so "answers from the cache" / "no process" are checked by count, not by
+ * how fast the call returned. The builtin is wrapped and syncBuiltinESMExports() makes the
+ * trainer's ESM import see the wrapper.
+ */
+function countSyncProbes<T>(fn: () => T): { value: T; probes: number } {
+  const cp = createRequire(import.meta.url)("node:child_process") as typeof import("node:child_process");
+  const original = cp.spawnSync;
+  let probes = 0;
+  cp.spawnSync = ((...args: Parameters<typeof original>) => {
+    probes++;
+    return original(...args);
+  }) as typeof original;
+  syncBuiltinESMExports();
+  try {
+    return { value: fn(), probes };
+  } finally {
+    cp.spawnSync = original;
+    syncBuiltinESMExports();
+  }
+}
 
 function request(baseModel: string, outputPath?: string): LoRATrainingRequest {
   return {
@@ -51,8 +75,12 @@ describe("LoRATrainer without an environment", () => {
 
   it("supportsFineTuning() is false (sync, no process), and capabilities say why", async () => {
     const trainer = new LoRATrainer({ env });
-    assert.equal(trainer.supportsFineTuning(), false);
-    const caps = trainer.getFineTuningCapabilities();
+    const { value: caps, probes } = countSyncProbes(() => {
+      assert.equal(trainer.supportsFineTuning(), false);
+      return trainer.getFineTuningCapabilities();
+    });
+    assert.equal(probes, 0, "the missing environment is seen on disk; no process is run");
+    assert.equal(trainer.sidecar.running, false);
     assert.equal(caps.supportsFineTuning, false);
     assert.equal(caps.reason, NOT_BOOTSTRAPPED_MESSAGE);
     // The async path agrees (it asks the wrapper, which exits 3).
@@ -84,10 +112,13 @@ describe("LoRATrainer with the real sidecar", () => {
     assert.equal(caps.strategy, "local-pytorch");
     assert.equal(caps.maxRank, caps.sidecar?.limits.maxRank);
     assert.equal(caps.sidecar?.model?.resolvable, true);
-    const t0 = Date.now();
-    assert.equal(trainer.supportsFineTuning(), true);
-    assert.equal(trainer.getFineTuningCapabilities().defaultRank, caps.defaultRank);
-    assert.ok(Date.now() - t0 < 50, "cached");
+    const pid = trainer.sidecar.pid;
+    const { probes } = countSyncProbes(() => {
+      assert.equal(trainer.supportsFineTuning(), true);
+      assert.deepEqual(trainer.getFineTuningCapabilities(), caps);
+    });
+    assert.equal(probes, 0, "answered from initialize()'s cached supports: no probe process");
+    assert.equal(trainer.sidecar.pid, pid, "and no new warm sidecar either");
   });
 
   it("trainLoRA twice on one warm sidecar: success, adapter files, manifest and metrics", async () => {
@@ -123,9 +154,15 @@ describe("LoRATrainer with the real sidecar", () => {
 
   it("supportsFineTuning() without initialize() probes synchronously once and caches", () => {
     const fresh = new LoRATrainer({ defaults: { baseModel: model } });
-    assert.equal(fresh.supportsFineTuning(), true);
-    const caps = fresh.getFineTuningCapabilities();
-    assert.equal(caps.sidecar?.model?.resolvable, true);
+    const first = countSyncProbes(() => fresh.supportsFineTuning());
+    assert.equal(first.value, true);
+    assert.equal(first.probes, 1, "the first call runs one short-lived probe process");
+    const again = countSyncProbes(() => {
+      assert.equal(fresh.supportsFineTuning(), true);
+      return fresh.getFineTuningCapabilities();
+    });
+    assert.equal(again.probes, 0, "later calls answer from the cached probe");
+    assert.equal(again.value.sidecar?.model?.resolvable, true, "the probe asked about the default base model");
     assert.equal(fresh.sidecar.running, false, "the probe used a short-lived process, not the warm one");
   });
 });

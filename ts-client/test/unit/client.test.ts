@@ -1,14 +1,22 @@
 /**
  * The JSON-RPC layer against a scripted fake sidecar (test/fixtures/fake-sidecar.ts): pending
  * map, timeouts, aborts, crashes, stderr draining, restart, dispose escalation, parent exit.
+ *
+ * No test here depends on how loaded the machine is. Timeouts are driven by node:test's mock
+ * clock (the client's timers are the global setTimeout) and the fake's progress by explicit
+ * `step` requests; "has the fake received X" is settled by asking it (`status`), whose answer
+ * comes after X on the same ordered pipe. The few wall-clock bounds left (a dead child, dispose
+ * escalation, reaping) say what they separate and keep a margin that holds at load 4.
  */
 
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { once } from "node:events";
-import { readFileSync } from "node:fs";
+import { mkdtempSync, readFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { after, describe, it } from "node:test";
+import { after, describe, it as nodeIt, type TestContext } from "node:test";
 
 import { SidecarClient, type SidecarClientOptions } from "../../src/client.js";
 import {
@@ -19,6 +27,14 @@ import {
   SidecarTimeoutError,
 } from "../../src/errors.js";
 import type { Progress, TrainParams } from "../../src/wire.js";
+
+/**
+ * Every test gets a time limit, so a broken client that leaves a call pending forever fails its
+ * test instead of hanging the run. Each takes well under a second; 60 s holds at any sane load.
+ */
+function it(name: string, fn: (t: TestContext) => Promise<void> | void): void {
+  nodeIt(name, { timeout: 60_000 }, fn);
+}
 
 const FAKE = fileURLToPath(new URL("../fixtures/fake-sidecar.js", import.meta.url));
 
@@ -53,6 +69,22 @@ function alive(pid: number): boolean {
   }
 }
 
+/** How a promise has settled so far; read it after `flush()`. */
+function track<T>(p: Promise<T>): { state: "pending" | "resolved" | "rejected"; value?: T; error?: unknown } {
+  const o: { state: "pending" | "resolved" | "rejected"; value?: T; error?: unknown } = { state: "pending" };
+  p.then(
+    (value) => Object.assign(o, { state: "resolved", value }),
+    (error) => Object.assign(o, { state: "rejected", error }),
+  );
+  return o;
+}
+
+/** Run every callback and microtask already queued (setImmediate is not mocked). */
+function flush(): Promise<void> {
+  return new Promise((r) => setImmediate(r));
+}
+
+/** Polls until cond holds; `ms` only turns a never into a failure, so it is generous. */
 async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
   const end = Date.now() + ms;
   while (Date.now() < end) {
@@ -65,11 +97,20 @@ async function waitFor(cond: () => boolean, ms: number): Promise<boolean> {
 describe("SidecarClient (fake sidecar)", () => {
   it("correlates answers by id when they arrive out of order", async () => {
     const c = fake();
-    const slow = raw(c, "slow", { ms: 300, value: "slow" });
-    const fast = raw(c, "slow", { ms: 10, value: "fast" });
+    // The fake holds both calls and answers them newest first when flushed: the answer to the
+    // second call arrives before the answer to the first, whatever the load.
+    const first = raw(c, "later", { value: "answer to the first call" });
+    const second = raw(c, "later", { value: "answer to the second call" });
     const order: string[] = [];
-    await Promise.all([slow.then((v) => order.push(v)), fast.then((v) => order.push(v))]);
-    assert.deepEqual(order, ["fast", "slow"]);
+    void first.then(() => order.push("first"));
+    void second.then(() => order.push("second"));
+    assert.deepEqual(await raw(c, "flush", {}), { flushed: 2 });
+    // Each call gets its own answer (a client that paired answers with calls in sending order
+    // would give each the other's) ...
+    assert.equal(await first, "answer to the first call");
+    assert.equal(await second, "answer to the second call");
+    // ... and the answers really did come out of order.
+    assert.deepEqual(order, ["second", "first"]);
   });
 
   it("round-trips U+2028/U+2029 and non-ASCII text", async () => {
@@ -106,30 +147,39 @@ describe("SidecarClient (fake sidecar)", () => {
     assert.match(job.jobId, /^[0-9a-f-]{36}$/, "a UUID job id is set by the client");
   });
 
-  it("rejects at once with SidecarCancelledError on abort, and cancels the job on the sidecar", async () => {
+  it("abort rejects with SidecarCancelledError in the same event-loop turn (before any sidecar answer), cancels the job on the sidecar, and delivers no later progress", async () => {
     const c = fake();
     const ac = new AbortController();
     const steps: number[] = [];
+    const order: string[] = [];
     const job = c.startTrain({ maxSteps: 1000, seed: 20 } as TrainParams, {
       signal: ac.signal,
       onProgress: (p) => {
         steps.push(p.step);
-        if (p.step === 3) ac.abort(new Error("user pressed stop"));
+        if (p.step === 3) {
+          ac.abort(new Error("user pressed stop"));
+          // Runs in the next turn of the event loop: after this turn's microtasks, and before
+          // anything the sidecar could send in answer to the cancel.
+          setImmediate(() => order.push("next turn"));
+        }
       },
     });
-    const t0 = Date.now();
-    const err = await job.result.catch((e) => e);
+    const err = await job.result.catch((e) => {
+      order.push("rejected");
+      return e;
+    });
     assert.ok(err instanceof SidecarCancelledError, String(err));
     assert.equal(err.code, -32800);
     assert.equal(err.jobId, job.jobId);
+    // The caller's reason: the client's own rejection, not the sidecar's -32800 answer.
     assert.equal(err.data?.["reason"], "user pressed stop");
-    assert.ok(Date.now() - t0 < 1000);
+    assert.equal(order[0], "rejected", `"at once": rejected before the next event-loop turn (${order})`);
+    const stepsAtAbort = steps.length;
+    // The fake answers `status` after it has handled the cancel, which sends the job's last progress
+    // (phase cancelled) and its -32800 answer: both have been read when `status` resolves.
     const { received } = await raw(c, "status", {});
     assert.ok(received.includes("cancel"), `the sidecar got a cancel: ${received}`);
-    // Nothing more is delivered for the aborted job.
-    const n = steps.length;
-    await new Promise((r) => setTimeout(r, 100));
-    assert.equal(steps.length, n);
+    assert.equal(steps.length, stepsAtAbort, `nothing is delivered for the aborted job after the abort: ${steps}`);
   });
 
   it("an already-aborted signal rejects without sending anything", async () => {
@@ -139,52 +189,97 @@ describe("SidecarClient (fake sidecar)", () => {
     assert.equal(c.running, false, "no process was started for it");
   });
 
-  it("times out a silent call with SidecarTimeoutError", async () => {
-    const c = fake();
-    const t0 = Date.now();
-    const err = await raw(c, "slow", { ms: 5000, value: 1 }, { timeoutMs: 200 }).catch((e) => e);
-    assert.ok(err instanceof SidecarTimeoutError);
-    assert.ok(Date.now() - t0 < 2000);
-    // The connection is still usable; the late answer is ignored.
-    assert.deepEqual(await raw(c, "echo", { x: 1 }), { x: 1 });
-  });
-
-  it("progress resets the train timeout; silence trips it and cancels the job", async () => {
+  it("a silent call times out with SidecarTimeoutError exactly at timeoutMs (mock clock), sends $/cancelRequest, and ignores the late answer", async (t) => {
     const c = fake();
     await c.supports();
-    // 10 steps × 60 ms = 600 ms of training, never 250 ms without progress.
-    const ok = await c.train({ maxSteps: 10, seed: 60 } as TrainParams, { timeoutMs: 250 });
-    assert.equal(ok.status, "completed");
-    const err = await c.train({ maxSteps: 3, seed: 1000 } as TrainParams, { timeoutMs: 250 }).catch((e) => e);
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    const problems: Error[] = [];
+    c.on("protocolError", (e) => problems.push(e));
+    const call = track(raw(c, "later", { value: "late" }, { timeoutMs: 200 }));
+    await raw(c, "status", {}); // answered after the fake got `later`: the call is sent and its clock runs
+    t.mock.timers.tick(199);
+    await flush();
+    assert.equal(call.state, "pending", "not before timeoutMs");
+    t.mock.timers.tick(1);
+    await flush();
+    assert.equal(call.state, "rejected", "at timeoutMs");
+    assert.ok(call.error instanceof SidecarTimeoutError, String(call.error));
+    // The late answer arrives (flush answers it before itself) and changes nothing.
+    assert.deepEqual(await raw(c, "flush", {}), { flushed: 1 });
+    const { received } = await raw(c, "status", {});
+    assert.ok(received.includes("$/cancelRequest"), `the sidecar was told: ${received}`);
+    assert.deepEqual(problems, [], "a late answer is not a protocol error");
+    assert.deepEqual(await raw(c, "echo", { x: 1 }), { x: 1 }, "the connection is still usable");
+  });
+
+  it("train's idle timeout restarts at every progress notification, then trips after timeoutMs of silence and cancels the job (mock clock)", async (t) => {
+    const c = fake();
+    await c.supports();
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    // A manual job: progress only when the test sends `step`; the clock only moves by tick().
+    const job = c.startTrain({ name: "manual" } as TrainParams, { timeoutMs: 1000 });
+    const result = track(job.result);
+    await raw(c, "status", {}); // the train call is sent and its clock runs
+    for (let i = 1; i <= 3; i++) {
+      t.mock.timers.tick(900);
+      await flush();
+      assert.equal(result.state, "pending", `${i * 900} ms since the call, 900 ms since the last progress`);
+      // The step's notification is read before its answer: the clock has restarted when this resolves.
+      await raw(c, "step", { jobId: job.jobId });
+    }
+    // 2700 ms since the call, far past timeoutMs: only the restarts kept it alive. Now silence.
+    t.mock.timers.tick(999);
+    await flush();
+    assert.equal(result.state, "pending", "999 ms of silence");
+    t.mock.timers.tick(1);
+    await flush();
+    assert.equal(result.state, "rejected", "1000 ms of silence");
+    const err = result.error as SidecarTimeoutError;
     assert.ok(err instanceof SidecarTimeoutError, String(err));
     assert.equal(err.method, "train");
-    await new Promise((r) => setTimeout(r, 50));
-    const { received } = await raw(c, "status", {});
-    assert.equal(received.filter((m: string) => m === "cancel").length, 1);
+    assert.equal(err.jobId, job.jobId);
+    const { received } = await raw(c, "status", {}); // sent after the cancel, so answered after it
+    assert.equal(received.filter((m: string) => m === "cancel").length, 1, `one cancel: ${received}`);
   });
 
-  it("a job queued behind a progressing one does not time out while the other makes progress", async () => {
+  it("a job queued behind another restarts its idle clock on the other job's progress, and times out once that progress stops (mock clock)", async (t) => {
     const c = fake();
     await c.supports();
-    const t0 = Date.now();
-    const queued = c.train({ name: "queued" } as TrainParams, { timeoutMs: 250 }).catch((e) => e);
-    const running = await c.train({ maxSteps: 10, seed: 60 } as TrainParams);
-    assert.equal(running.status, "completed");
-    const err = await queued;
-    assert.ok(err instanceof SidecarTimeoutError);
-    assert.ok(Date.now() - t0 >= 600, "it timed out only after the other job stopped reporting");
+    t.mock.timers.enable({ apis: ["setTimeout"] });
+    // "queued" never reports anything itself, like a job waiting behind another on the sidecar.
+    const queued = track(c.train({ name: "queued" } as TrainParams, { timeoutMs: 1000 }));
+    const running = c.startTrain({ name: "manual" } as TrainParams);
+    await raw(c, "status", {}); // both calls are sent and the queued one's clock runs
+    for (let i = 1; i <= 3; i++) {
+      t.mock.timers.tick(900);
+      await flush();
+      assert.equal(queued.state, "pending", `${i * 900} ms, 900 ms since the other job's last progress`);
+      await raw(c, "step", { jobId: running.jobId });
+    }
+    assert.deepEqual(await raw(c, "finish", { jobId: running.jobId }), { ok: true });
+    assert.equal((await running.result).status, "completed");
+    t.mock.timers.tick(999);
+    await flush();
+    assert.equal(queued.state, "pending", "999 ms after the other job's last progress");
+    t.mock.timers.tick(1);
+    await flush();
+    assert.equal(queued.state, "rejected", "1000 ms after the other job's last progress");
+    assert.ok(queued.error instanceof SidecarTimeoutError, String(queued.error));
   });
 
-  it("rejects every pending call at once with SidecarExitedError when the child dies", async () => {
+  it("rejects every pending call with SidecarExitedError when the child dies, without waiting for their answers", async () => {
     const c = fake();
     await c.start();
-    const a = raw(c, "slow", { ms: 10_000, value: 1 });
+    const a = raw(c, "later", { value: 1 }); // answered only on flush, which never comes
     const b = c.train({ maxSteps: 1000, seed: 50 } as TrainParams);
-    await new Promise((r) => setTimeout(r, 100));
+    await raw(c, "status", {}); // both are on the sidecar
     const t0 = Date.now();
     void raw(c, "crash", { code: 7 }).catch(() => undefined);
     const [ea, eb] = await Promise.all([a.catch((e) => e), b.catch((e) => e)]);
-    assert.ok(Date.now() - t0 < 1000, `rejected after ${Date.now() - t0} ms`);
+    // Neither call has a timeout and neither can be answered any more, so only the exit handling
+    // can settle them; the bound turns a hang into a failure. The client waits at most 250 ms for
+    // the pipes after the exit; 5 s holds at load 4.
+    assert.ok(Date.now() - t0 < 5000, `rejected after ${Date.now() - t0} ms`);
     for (const e of [ea, eb]) {
       assert.ok(e instanceof SidecarExitedError, String(e));
       assert.equal(e.code, 7);
@@ -220,9 +315,11 @@ describe("SidecarClient (fake sidecar)", () => {
     const c = fake(["stderr-flood"], { stderrBufferBytes: 4096, onStderr: (l) => lines.push(l) });
     // The fake writes 2 MiB to stderr (32 pipe buffers) before it reads stdin: it can only answer
     // if the client keeps reading stderr.
-    const result = await raw(c, "echo", { ok: 1 }, { timeoutMs: 10_000 });
+    // A client that stopped reading stderr would never get the answer: the timeout turns that
+    // deadlock into a failure (the fake needs well under a second at load 4).
+    const result = await raw(c, "echo", { ok: 1 }, { timeoutMs: 30_000 });
     assert.deepEqual(result, { ok: 1 });
-    assert.ok(await waitFor(() => lines.length >= 2049, 5000), `got ${lines.length} lines`);
+    assert.ok(await waitFor(() => lines.length >= 2049, 30_000), `got ${lines.length} lines`);
     assert.ok(c.stderrTail().length <= 4096);
     assert.match(c.stderrTail(), /fake sidecar ready/);
   });
@@ -235,25 +332,29 @@ describe("SidecarClient (fake sidecar)", () => {
     assert.ok(problems.length >= 1);
   });
 
-  it("dispose() is graceful: shutdown answers, exit ends the process with code 0", async () => {
-    const c = fake();
+  it("dispose() is graceful: the sidecar gets shutdown, then the exit notification, and ends by it with code 0", async () => {
+    const record = join(mkdtempSync(join(tmpdir(), "fake-sidecar-")), "record");
+    const c = fake([`record=${record}`]);
     await c.supports();
     const pid = c.pid!;
     const info = await c.dispose();
     assert.equal(info?.code, 0);
     assert.equal(alive(pid), false);
+    // The fake also ends with code 0 on EOF: its record says what it got and why it ended.
+    assert.equal(readFileSync(record, "utf8"), "exiting (exit notification) after: supports,shutdown,exit\n");
     const err = await c.supports().catch((e) => e);
     assert.ok(err instanceof SidecarDisposedError);
   });
 
-  it("dispose() escalates to SIGKILL when the process ignores shutdown, EOF and SIGTERM", async () => {
+  it("dispose() escalates to SIGKILL when the process ignores shutdown, EOF and SIGTERM, after the configured waits", async () => {
     const c = fake(["stubborn"], { shutdownTimeoutMs: 200, exitTimeoutMs: 200, termTimeoutMs: 200 });
     await c.supports();
     const pid = c.pid!;
     const t0 = Date.now();
     const info = await c.dispose();
     assert.equal(info?.signal, "SIGKILL");
-    assert.ok(Date.now() - t0 < 2000);
+    // The configured waits total 600 ms, the defaults 11 s: 6 s tells them apart and holds at load 4.
+    assert.ok(Date.now() - t0 < 6000, `took ${Date.now() - t0} ms`);
     assert.equal(alive(pid), false);
     assert.match(c.stderrTail(), /ignoring SIGTERM/);
   });
@@ -263,7 +364,7 @@ describe("SidecarClient (fake sidecar)", () => {
     const { pid } = await raw(c, "spawnGrandchild", {});
     assert.ok(alive(pid));
     c.kill("SIGKILL");
-    assert.ok(await waitFor(() => !alive(pid), 2000), "the grandchild died with the group");
+    assert.ok(await waitFor(() => !alive(pid), 10_000), "the grandchild died with the group");
   });
 
   it("a command that does not exist rejects with SidecarExitedError carrying the spawn error", async () => {
@@ -292,7 +393,7 @@ describe("SidecarClient (fake sidecar)", () => {
       const [code, signal] = (await once(parent, "exit")) as [number | null, NodeJS.Signals | null];
       if (how === "SIGTERM") assert.equal(signal, "SIGTERM", "default signal behaviour is kept");
       else assert.equal(code, 0);
-      assert.ok(await waitFor(() => !alive(childPid), 2000), `sidecar ${childPid} still alive after its parent ended`);
+      assert.ok(await waitFor(() => !alive(childPid), 10_000), `sidecar ${childPid} still alive after its parent ended`);
     });
   }
 });
