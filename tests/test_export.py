@@ -510,7 +510,7 @@ def test_injected_failures_leave_nothing_at_the_output_path(tiny_adapter, tmp_pa
     adapter = copy_adapter(tiny_adapter, tmp_path / "a")
     manifest_before = (adapter / "training_manifest.json").read_bytes()
 
-    def half_then_fail(**kwargs):
+    def half_then_fail(self, **kwargs):
         self.fout[0].write(b"\0" * 4096)  # bytes really reach the temporary file first
         raise OSError(28, "No space left on device")
 
