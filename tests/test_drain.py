@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.sidecar_proc import HOOKED_ARGV, REPO, Sidecar, chat_dataset, process_gone
-from tests.test_reliability import train_request, wait_file
+from tests.test_reliability import PARENT, train_request, wait_file
 
 README_ADAPTER = "/tmp/my-adapter"
 
@@ -205,23 +205,7 @@ def test_drain_mode_exits_0_only_when_every_request_succeeded(last, code, answer
 
 
 # --- drain mode never outlives its parent, and a signal still stops it --------------------------------
-
-# A parent that starts `sidecar --drain`, sends the requests and closes the sidecar's stdin (so it
-# drains), prints the sidecar's pid and watches its stdout, touching a file for each watched substring.
-PARENT = r"""
-import json, os, subprocess, sys, threading, time
-argv, requests, stderr_path, watch = json.loads(sys.argv[1])
-child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(stderr_path, "wb"))
-print(child.pid, flush=True)
-def watch_stdout():
-    for line in child.stdout:
-        for needle, path in watch:
-            if needle.encode() in line:
-                open(path, "w").close()
-threading.Thread(target=watch_stdout, daemon=True).start()
-child.stdin.write(b"".join((json.dumps(r) + "\n").encode() for r in requests)); child.stdin.close()
-time.sleep(3600)
-"""
+# The parent is test_reliability's, told to close the sidecar's stdin after the requests (so it drains).
 
 
 def test_parent_death_in_drain_mode_stops_the_sidecar_at_once(tiny_model_dir, tmp_path):
@@ -232,7 +216,7 @@ def test_parent_death_in_drain_mode_stops_the_sidecar_at_once(tiny_model_dir, tm
     requests = [train_request(tiny_model_dir, tmp_path / "out")]
     watch = [['"phase":"training","step":3', str(tmp_path / "training")]]
     argv = [sys.executable, "-m", "sidecar", "--drain"]
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps([argv, requests, str(stderr), watch])],
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, json.dumps([argv, requests, str(stderr), watch, True])],
                               stdout=subprocess.PIPE, cwd=REPO, env=env)
     try:
         pid = int(parent.stdout.readline())

@@ -75,11 +75,12 @@ class TestReadLoop:
 
 # --- 2. the sidecar never outlives its parent ---------------------------------------------------------
 
-# A parent that starts the sidecar, prints its pid, sends the requests given, and drains the
-# sidecar's stdout, touching a file for each watched substring seen there. The test SIGKILLs it.
+# A parent that starts the sidecar, prints its pid, sends the requests given (then closes the
+# sidecar's stdin when asked: a fifth argument, true), and drains the sidecar's stdout, touching a file
+# for each watched substring seen there. The test SIGKILLs it.
 PARENT = r"""
 import json, os, subprocess, sys, threading, time
-argv, requests, stderr_path, watch = json.loads(sys.argv[1])
+argv, requests, stderr_path, watch, *close_stdin = json.loads(sys.argv[1])
 child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(stderr_path, "wb"))
 print(child.pid, flush=True)
 def drain():
@@ -90,6 +91,8 @@ def drain():
 threading.Thread(target=drain, daemon=True).start()
 for r in requests:
     child.stdin.write((json.dumps(r) + "\n").encode()); child.stdin.flush()
+if close_stdin and close_stdin[0]:
+    child.stdin.close()
 time.sleep(3600)
 """
 
