@@ -74,6 +74,18 @@ def _progress_line(p: wire.Progress) -> str:
     return " ".join(parts)
 
 
+def _read_config(path: Path, config_path: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise errors.InvalidParams(f"Config file {config_path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise errors.InvalidParams(f"Config file {config_path} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise errors.InvalidParams(f"Config file {config_path} must hold a JSON object")
+    return config
+
+
 def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
     """Train from an old ``peft-train.py`` config. ``output_dir`` (``--output``) wins over ``outputDir``."""
     received_at = time.time()
@@ -86,21 +98,16 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
     previous = signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         path = Path(config_path).expanduser()
-        try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise errors.InvalidParams(f"Config file {config_path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise errors.InvalidParams(f"Config file {config_path} is not valid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise errors.InvalidParams(f"Config file {config_path} must hold a JSON object")
-        params, ignored = params_from_config(config, output_dir=output_dir, base_dir=path.parent.absolute())
+        params, ignored = params_from_config(_read_config(path, config_path), output_dir=output_dir,
+                                             base_dir=path.parent.absolute())
         if ignored:
             print(f"Ignoring unknown config keys: {', '.join(sorted(ignored))}", file=sys.stderr, flush=True)
 
-        from .training import train
         from .models import ModelCache
+        from .training import train
+        from .training.checks import check_request
 
+        params = check_request(params)  # this command is its own door: the server's checks, once
         job_id = params.job_id or f"train-{uuid.uuid4().hex[:12]}"
         last = {"line": None, "at": 0.0}
 
@@ -113,7 +120,7 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
                 last["line"], last["at"] = line, now
 
         result = train(params, job_id=job_id, models=ModelCache(max_models=1), report=report,
-                              should_stop=stop.is_set, received_at=received_at)
+                       should_stop=stop.is_set, received_at=received_at)
         for warning in result.warnings:
             print(f"Warning: {warning}", file=sys.stderr, flush=True)
         m = result.metrics

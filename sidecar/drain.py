@@ -91,20 +91,3 @@ class Drain:
             if isinstance(item, dict) and "error" in item and "method" not in item:
                 self.failed = True
 
-
-def written_by_earlier_train(jobs: Any, path: str) -> bool:
-    """Whether a queued or running ``train`` job of ``jobs`` (a JobQueue) writes its adapter to ``path``.
-
-    A ``generate`` with that ``adapterPath`` runs after the job (one worker, FIFO), so its adapter
-    is checked when it runs rather than refused on arrival: ``train`` then ``generate`` with the new
-    adapter works in one script, without waiting for the train's answer in between."""
-    import os
-
-    def norm(value: str) -> str:
-        return os.path.abspath(os.path.expanduser(value))
-
-    running, queued, _ = jobs.status()
-    target = norm(path)
-    return any(job.kind == "train" and getattr(job.params, "output_path", None)
-               and norm(job.params.output_path) == target
-               for job in ([running] if running else []) + queued)

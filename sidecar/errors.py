@@ -10,6 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 
+def clip(value: Any, limit: int, *, with_length: bool = False) -> str:
+    """``value`` as it may appear in an error message: a string cut to ``limit`` characters (``…``,
+    then its full length when ``with_length``), anything else its type name. A client-sent key or
+    path can be megabytes long; the message quoting it must not be."""
+    text = value if isinstance(value, str) else type(value).__name__
+    if len(text) <= limit:
+        return text
+    return text[:limit] + (f"… ({len(text)} characters)" if with_length else "…")
+
+
 class SidecarError(Exception):
     CODE = -32603
     MESSAGE = "Internal error"

@@ -22,22 +22,17 @@ from .models import apply_thread_setting
 
 def check_params(params: wire.GenerateParams) -> None:
     """The combinations the types cannot express; InvalidParams naming the field. No model needed."""
-    if (params.messages is None) == (params.prompts is None):
-        raise errors.InvalidParams("Give exactly one of messages (one conversation) and prompts (several)",
-                                   field="$.messages")
-    sets = [name for name, value in (("adapterPath", params.adapter_path), ("adapters", params.adapters),
-                                     ("variants", params.variants)) if value is not None]
-    if len(sets) > 1:
-        raise errors.InvalidParams(f"Give at most one of adapterPath, adapters and variants (got {', '.join(sets)})",
-                                   field=f"$.{sets[1]}")
+    wire.one_of(params, "messages", "prompts", field="$.messages",
+                message="Give exactly one of messages (one conversation) and prompts (several)")
+    wire.one_of(params, "adapter_path", "adapters", "variants", at_most=True,
+                message="Give at most one of adapterPath, adapters and variants (got {given})")
     if params.adapter_path is not None and not (Path(params.adapter_path).expanduser() / "adapter_config.json").is_file():
         raise errors.AdapterNotFound(f"Adapter {params.adapter_path} not found (no adapter_config.json there)",
                                      path=params.adapter_path, field="$.adapterPath")
     for where, refs in _adapter_sets(params):
         seen: set[str] = set()
         for k, ref in enumerate(refs):
-            if (ref.id is None) == (ref.path is None):
-                raise errors.InvalidParams("Each adapter needs exactly one of id and path", field=f"{where}[{k}]")
+            wire.one_of(ref, "id", "path", message="Each adapter needs exactly one of id and path", field=f"{where}[{k}]")
             key = ref.id or str(Path(ref.path).expanduser().absolute())
             if key in seen:
                 raise errors.InvalidParams(f"Adapter {key} appears twice in one set; give it once with the sum of "
@@ -56,61 +51,27 @@ def generate(params: wire.GenerateParams, *, models: Any, registry: Any = None, 
     """Answer every prompt × variant of ``params`` (see the module doc). ``registry`` / ``stack`` are the
     server's resident adapters; without them only the bare base and ``adapterPath`` are available.
     ``should_stop`` is polled at every generated token; when it turns True the request ends with
-    RequestCancelled (a long exam can be cancelled like a training job)."""
+    RequestCancelled (a long exam can be cancelled like a training job). ``params`` passed
+    ``check_params`` at the door (methods/generate.py); they are not checked again here."""
     import torch
-    from transformers import GenerationConfig
 
-    check_params(params)
+    assert (params.messages is None) != (params.prompts is None), "generate() runs on checked params"
     apply_thread_setting()
     loaded = models.get(params.base_model, device=params.device, dtype=params.dtype,
                         trust_remote_code=params.trust_remote_code)
     tok = loaded.tokenizer
     conversations = [(p.id, p.messages) for p in params.prompts] if params.prompts is not None \
         else [(None, params.messages)]
-    prompt_ids = []
-    for _, messages in conversations:
-        text = data.render_chat(tok, [{"role": m.role, "content": m.content or ""} for m in messages],
-                                add_generation_prompt=True)
-        prompt_ids.append(tok(text, add_special_tokens=False)["input_ids"])
-    generation = loaded.model.generation_config
-    eos = generation.eos_token_id if generation.eos_token_id is not None else tok.eos_token_id
-    sampling = params.temperature > 0
-    config = GenerationConfig(
-        max_new_tokens=params.max_new_tokens, do_sample=sampling,
-        temperature=params.temperature if sampling else None, top_p=None, top_k=None,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else _first(eos), eos_token_id=eos,
-        output_scores=params.logprobs, return_dict_in_generate=True,
-    )
-    batch = _Batch(prompt_ids, config, set(eos) if isinstance(eos, (list, tuple)) else {eos}, params, loaded.device,
-                   should_stop or (lambda: False))
-    variant_ids: list[Optional[str]] = [v.id for v in params.variants] if params.variants is not None else [None]
-    outputs: dict[tuple[int, int], tuple[list[int], Optional[list[float]]]] = {}
-    used: list[Any] = []
-    evicted: list[str] = []
-
+    prompt_ids = [_prompt_ids(tok, messages) for _, messages in conversations]
+    config, eos = _generation_config(params, loaded)
+    batch = _Batch(prompt_ids, config, eos, params, loaded.device, should_stop or (lambda: False))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(params.seed)
         if loaded.device.startswith("cuda"):
             torch.cuda.manual_seed(params.seed)
-        if params.adapter_path is not None:
-            if stack is not None:
-                stack.strip(loaded)  # stock PEFT on the bare base, as before residents existed
-            with attached_adapter(loaded, params.adapter_path) as model:
-                outputs.update(batch.run(model, [(i, 0) for i in range(len(prompt_ids))], None))
-        else:
-            variants, used, evicted = _resolve(params, loaded, models, registry)
-            if stack is None:  # no residents in this process: only the bare base
-                outputs.update(batch.run(loaded.model, [(i, 0) for i in range(len(prompt_ids))], None))
-            else:
-                from .adapters.stack import plan
+        outputs, used, evicted = _run(params, loaded, models, registry, stack, batch)
 
-                registry.touch(used)
-                for group in plan(variants):
-                    with stack.activate(loaded, [variants[j] for j in group.variants]) as (model, names):
-                        rows = [(i, j) for j in group.variants for i in range(len(prompt_ids))]
-                        by_variant = None if names is None else dict(zip(group.variants, names))
-                        outputs.update(batch.run(model, rows, by_variant))
-
+    variant_ids: list[Optional[str]] = [v.id for v in params.variants] if params.variants is not None else [None]
     answers = []
     for i, (prompt_id, _) in enumerate(conversations):
         for j, variant_id in enumerate(variant_ids):
@@ -123,6 +84,54 @@ def generate(params: wire.GenerateParams, *, models: Any, registry: Any = None, 
     return wire.GenerateResult(text=first.text, tokens=first.tokens, base_model=params.base_model,
                                adapter_path=params.adapter_path, token_ids=first.token_ids, logprobs=first.logprobs,
                                answers=answers, adapters=sorted({r.id for r in used}), evicted=evicted)
+
+
+def _prompt_ids(tok: Any, messages: list[wire.Message]) -> list[int]:
+    text = data.render_chat(tok, [{"role": m.role, "content": m.content or ""} for m in messages],
+                            add_generation_prompt=True)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def _generation_config(params: wire.GenerateParams, loaded: Any) -> tuple[Any, set[int]]:
+    """transformers' GenerationConfig for ``params``, and the set of end-of-sequence ids."""
+    from transformers import GenerationConfig
+
+    tok = loaded.tokenizer
+    generation = loaded.model.generation_config
+    eos = generation.eos_token_id if generation.eos_token_id is not None else tok.eos_token_id
+    sampling = params.temperature > 0
+    config = GenerationConfig(
+        max_new_tokens=params.max_new_tokens, do_sample=sampling,
+        temperature=params.temperature if sampling else None, top_p=None, top_k=None,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else _first(eos), eos_token_id=eos,
+        output_scores=params.logprobs, return_dict_in_generate=True,
+    )
+    return config, set(eos) if isinstance(eos, (list, tuple)) else {eos}
+
+
+def _run(params: wire.GenerateParams, loaded: Any, models: Any, registry: Any, stack: Any,
+         batch: "_Batch") -> tuple[dict[tuple[int, int], tuple[list[int], Optional[list[float]]]], list, list[str]]:
+    """Every row (prompt, variant) generated with its adapters on; returns (outputs by row, residents
+    used, ids evicted)."""
+    every_prompt = [(i, 0) for i in range(len(batch.prompt_ids))]
+    if params.adapter_path is not None:
+        if stack is not None:
+            stack.strip(loaded)  # stock PEFT on the bare base, as before residents existed
+        with attached_adapter(loaded, params.adapter_path) as model:
+            return batch.run(model, every_prompt, None), [], []
+    variants, used, evicted = _resolve(params, loaded, models, registry)
+    if stack is None:  # no residents in this process: only the bare base
+        return batch.run(loaded.model, every_prompt, None), used, evicted
+    from .adapters.stack import plan
+
+    registry.touch(used)
+    outputs: dict[tuple[int, int], tuple[list[int], Optional[list[float]]]] = {}
+    for group in plan(variants):
+        with stack.activate(loaded, [variants[j] for j in group.variants]) as (model, names):
+            rows = [(i, j) for j in group.variants for i in range(len(batch.prompt_ids))]
+            by_variant = None if names is None else dict(zip(group.variants, names))
+            outputs.update(batch.run(model, rows, by_variant))
+    return outputs, used, evicted
 
 
 def _first(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""The job queue: one worker thread runs every model-touching job (train, generate) in FIFO order.
+"""The job queue: one worker thread runs every model-touching job (train, generate, ...) in FIFO order.
 
 One worker means a ``generate`` never sees a model that carries another job's LoRA layers, and the
 warm ``ModelCache`` needs no cross-job locking. ``cancel``, ``status`` and ``supports`` never wait
@@ -32,7 +32,7 @@ FINAL_PHASES = ("completed", "failed", "cancelled", "interrupted")
 @dataclass
 class Job:
     job_id: str
-    kind: str  # "train" | "generate"
+    kind: str  # "train" | "generate" | "export" | "adapters/load" | ... (status shows it)
     params: Any
     base_model: str
     received_at: float
@@ -56,6 +56,8 @@ class Job:
     last_sent_step: int = -1
     last_sent_phase: str | None = None
     closed: bool = False
+    runner: Any = None
+    """What runs the job; only the queue's ``run`` callable interprets it (see JobQueue)."""
 
     def info(self) -> wire.JobInfo:
         return wire.JobInfo(
@@ -66,20 +68,25 @@ class Job:
         )
 
 
-Runner = Callable[[Job, Callable[[wire.Progress], None], Callable[[], bool]], Any]
+Report = Callable[[wire.Progress], None]
+ShouldStop = Callable[[], bool]
+Run = Callable[[Job, Report, ShouldStop], Any]
 
 
 class JobQueue:
+    """Jobs in FIFO order on one worker. ``run(job, report, should_stop)`` runs any job (the server's
+    app passes its own, which calls ``job.runner``); ``notify(job, progress)`` writes a notification."""
+
     def __init__(
         self,
-        runners: dict[str, Runner],
+        run: Run,
         notify: Callable[[Job, wire.Progress], None],
         max_queue: int = 8,
         keep_recent: int = 20,
         own_thread: bool = True,
         journal: Any = None,
     ) -> None:
-        self.runners = runners
+        self.run = run
         self.journal = journal
         self.notify = notify
         self.max_queue = max_queue
@@ -103,8 +110,9 @@ class JobQueue:
 
     # --- submission -------------------------------------------------------------------------
 
-    def submit(self, kind: str, params: Any, *, job_id: str | None, base_model: str, received_at: float,
-               request_id: Any = None, framing: str = "ndjson", progress_interval: float = 0.25) -> Job:
+    def submit(self, kind: str, params: Any, *, runner: Any, job_id: str | None, base_model: str,
+               received_at: float, request_id: Any = None, framing: str = "ndjson",
+               progress_interval: float = 0.25) -> Job:
         with self.lock:
             if not self.accepting:
                 raise errors.ShuttingDown("The sidecar is shutting down and accepts no new jobs")
@@ -117,7 +125,8 @@ class JobQueue:
             elif (existing := self._find(job_id)) is not None and existing.state in ("queued", "running"):
                 raise errors.DuplicateJob(f"Job {job_id!r} is already queued or running", jobId=job_id)
             job = Job(job_id=job_id, kind=kind, params=params, base_model=base_model, received_at=received_at,
-                      request_id=request_id, framing=framing, progress_interval=progress_interval)
+                      request_id=request_id, framing=framing, progress_interval=progress_interval,
+                      runner=runner)
             self._record(job)
             self.queue.append(job)
             if request_id is not None:
@@ -166,10 +175,6 @@ class JobQueue:
         with self.lock:
             return self.running, list(self.queue), list(reversed(self.recent))
 
-    def busy(self) -> bool:
-        with self.lock:
-            return self.running is not None or bool(self.queue)
-
     def refuse(self) -> None:
         """Accept no new jobs (-32015); the queued and running ones go on (a draining shutdown)."""
         with self.lock:
@@ -213,8 +218,7 @@ class JobQueue:
                 self.running = job
                 self._record(job)
             try:
-                result = self.runners[job.kind](
-                    job, lambda p, job=job: self._report(job, p), job.cancel_event.is_set)
+                result = self.run(job, lambda p, job=job: self._report(job, p), job.cancel_event.is_set)
             except errors.RequestCancelled as exc:
                 self._finish(job, "interrupted" if job.interrupted else "cancelled", exc)
             except errors.SidecarError as exc:

@@ -5,8 +5,8 @@ One small JSON file per job, ``<data>/jobs/<job key>.json``, rewritten whole at 
 (queued, running, each checkpoint, completed / failed / cancelled / interrupted) through a temporary
 file, fsync and rename: a crash leaves the previous version or the new one, never half. Beside it,
 ``<data>/jobs/<job key>/`` holds the job's ``params.json`` (written when it is queued) and its
-checkpoints (sidecar/training/checkpoint.py). An entry records its owner process (pid, boot id,
-process start time), so another process can tell whether the owner is gone.
+checkpoints (sidecar/jobdir.py). An entry records its owner process (pid, boot id, process start
+time: sidecar/procs.py), so another process can tell whether the owner is gone.
 
 Cleanup rule — at start-up (``recover``), and the history bound again after each job ends:
 
@@ -33,14 +33,14 @@ import re
 import shutil
 import threading
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional
 
 import msgspec
 
-from . import paths, wire
+from . import jobdir, paths, wire
 from .files import MANIFEST_FILE, atomic_write_text
+from .procs import owner_alive, pid_alive, process_identity
 
 log = logging.getLogger("sidecar.journal")
 
@@ -50,53 +50,6 @@ DEFAULT_HISTORY = 50
 RECENT_FINISHED = 20
 ACTIVE = ("queued", "running")
 _TEMP = re.compile(r"\.(tmp|old)-(\d+)$")
-
-
-# ---------------------------------------------------------------------------------------------
-# Process identity: is the process that wrote something still alive?
-# ---------------------------------------------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def _boot_id() -> Optional[str]:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> Optional[int]:
-    """Linux: the process's start time in clock ticks since boot (tells a reused pid apart)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def process_identity() -> dict[str, Any]:
-    pid = os.getpid()
-    return {"pid": pid, "boot": _boot_id(), "started": _start_ticks(pid)}
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owner_alive(owner: Optional[dict[str, Any]]) -> bool:
-    if not owner or not isinstance(owner.get("pid"), int):
-        return False
-    if owner.get("boot") and _boot_id() and owner["boot"] != _boot_id():
-        return False
-    if not pid_alive(owner["pid"]):
-        return False
-    started = _start_ticks(owner["pid"])
-    return owner.get("started") is None or started is None or started == owner["started"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,28 +94,25 @@ class Journal:
             with self._lock:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if job.state == "queued":
-                    from .training.checkpoint import save_params
-
-                    save_params(self.job_dir(job.job_id), job.job_id, job.params)
-                atomic_write_text(self.entry_path(job.job_id), json.dumps(entry, ensure_ascii=False) + "\n")
+                    jobdir.save_params(self.job_dir(job.job_id), job.job_id, job.params)
+                self._write(entry)
                 if job.state == "completed":
-                    from .training.checkpoint import discard_job_dir
-
-                    discard_job_dir(self.job_dir(job.job_id))
+                    jobdir.discard_job_dir(self.job_dir(job.job_id))
                 if job.state not in ACTIVE:
                     self._prune()
         except Exception:  # noqa: BLE001 - the journal must never fail a job
             log.exception("journal: cannot record job %s", getattr(job, "job_id", "?"))
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        atomic_write_text(self.entry_path(entry["jobId"]), json.dumps(entry, ensure_ascii=False) + "\n")
 
     def _last_on_disk(self, job: Any) -> Optional[wire.CheckpointRef]:
         """A job that ended without writing a checkpoint itself (a resume cancelled while queued) may
         still have its earlier ones."""
         if job.state in ACTIVE or job.state == "completed":
             return None
-        from .training import checkpoint
-
-        last = checkpoint.latest(self.job_dir(job.job_id))
-        return checkpoint.ref(last, checkpoint.read_state(last, verify=False)) if last is not None else None
+        last = jobdir.latest(self.job_dir(job.job_id))
+        return jobdir.ref(last, jobdir.read_state(last, verify=False)) if last is not None else None
 
     def cancel(self, job_id: str) -> Optional[str]:
         """``cancel`` of a job of an earlier process: an interrupted one becomes cancelled (no longer
@@ -173,7 +123,7 @@ class Journal:
                 return None
             if entry["state"] == "interrupted":
                 entry.update(state="cancelled", phase="cancelled", updatedAt=time.time())
-                atomic_write_text(self.entry_path(job_id), json.dumps(entry, ensure_ascii=False) + "\n")
+                self._write(entry)
             return entry["state"]
 
     # --- reading ------------------------------------------------------------------------------
@@ -231,8 +181,6 @@ class Journal:
             return []
 
     def _recover(self) -> list[str]:
-        from .training import checkpoint
-
         changed = []
         with self._lock:
             for entry in self.entries():
@@ -245,23 +193,11 @@ class Journal:
                     entry.update(state="completed", phase="completed", adapterPath=adapter, finishedAt=now,
                                  lastCheckpoint=None)
                 else:
-                    last = checkpoint.latest(job_dir)
-                    entry.update(state="interrupted", phase="interrupted", finishedAt=now,
-                                 error=f"The sidecar process (pid {entry['owner']['pid']}) ended while the job "
-                                       f"was {entry['state']}")
-                    if last is not None:
-                        try:
-                            state = checkpoint.read_state(last, verify=False)
-                            entry["lastCheckpoint"] = wire.to_builtins(checkpoint.ref(last, state))
-                            entry["step"] = state["step"]
-                        except Exception:  # noqa: BLE001 - a damaged checkpoint is just not offered
-                            log.warning("journal: checkpoint %s is unreadable", last)
-                    else:
-                        entry["lastCheckpoint"] = None
+                    self._mark_interrupted(entry, job_dir, now)
                 entry["updatedAt"] = now
-                atomic_write_text(self.entry_path(entry["jobId"]), json.dumps(entry, ensure_ascii=False) + "\n")
+                self._write(entry)
                 if adapter is not None:
-                    checkpoint.discard_job_dir(job_dir)
+                    jobdir.discard_job_dir(job_dir)
                 changed.append(entry["jobId"])
                 log.info("journal: job %s of a dead process is now %s", entry["jobId"], entry["state"])
             self._clean_directories()
@@ -269,12 +205,27 @@ class Journal:
         return changed
 
     @staticmethod
+    def _mark_interrupted(entry: dict[str, Any], job_dir: Path, now: float) -> None:
+        """An entry of a dead process becomes interrupted, offering the newest checkpoint on disk."""
+        last = jobdir.latest(job_dir)
+        entry.update(state="interrupted", phase="interrupted", finishedAt=now,
+                     error=f"The sidecar process (pid {entry['owner']['pid']}) ended while the job "
+                           f"was {entry['state']}")
+        if last is None:
+            entry["lastCheckpoint"] = None
+            return
+        try:
+            state = jobdir.read_state(last, verify=False)
+            entry["lastCheckpoint"] = wire.to_builtins(jobdir.ref(last, state))
+            entry["step"] = state["step"]
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is just not offered
+            log.warning("journal: checkpoint %s is unreadable", last)
+
+    @staticmethod
     def _completed_adapter(entry: dict[str, Any], job_dir: Path) -> Optional[str]:
         """The adapter path when the job's adapter was already renamed into place, else None."""
-        from .training.checkpoint import load_params
-
         try:
-            doc = load_params(job_dir)
+            doc = jobdir.load_params(job_dir)
         except Exception:  # noqa: BLE001
             return None
         output = (doc or {}).get("params", {}).get("outputPath") or entry.get("outputPath")
@@ -287,8 +238,6 @@ class Journal:
         return output if isinstance(manifest, dict) and manifest.get("jobId") == entry["jobId"] else None
 
     def _clean_directories(self) -> None:
-        from .training.checkpoint import load_params
-
         try:
             dirs = [p for p in self.root.iterdir() if p.is_dir()]
         except FileNotFoundError:
@@ -305,7 +254,7 @@ class Journal:
                     shutil.rmtree(sub, ignore_errors=True)
             if job_dir.name not in keys:
                 try:
-                    owner = (load_params(job_dir) or {}).get("owner")
+                    owner = (jobdir.load_params(job_dir) or {}).get("owner")
                 except Exception:  # noqa: BLE001
                     owner = None
                 if not owner_alive(owner):
@@ -313,11 +262,9 @@ class Journal:
                     shutil.rmtree(job_dir, ignore_errors=True)
 
     def _prune(self) -> None:
-        from .training.checkpoint import discard_job_dir
-
         for entry in self.entries()[self.history:]:
             if entry["state"] in ACTIVE and owner_alive(entry.get("owner")):
                 continue
             # Entry first: a crash in between leaves an orphan directory, which start-up removes.
             self.entry_path(entry["jobId"]).unlink(missing_ok=True)
-            discard_job_dir(self.job_dir(entry["jobId"]))
+            jobdir.discard_job_dir(self.job_dir(entry["jobId"]))

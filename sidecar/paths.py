@@ -5,13 +5,17 @@
 - ``LORA_SIDECAR_ENV``   the isolated Python environment, default ``<data>/python``
 - ``LORA_SIDECAR_MODEL_CACHE``  converted models, default ``<env>/models``
 - adapters default to ``<data>/adapters/<name>-<timestamp>/``
-- the job journal and each job's params and checkpoints live in ``<data>/jobs/`` (sidecar/journal.py)
+- the job journal and each job's params and checkpoints live in ``<data>/jobs/`` (sidecar/journal.py,
+  sidecar/jobdir.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from .files import safe_name
 
 
 def repo_root() -> Path:
@@ -43,10 +47,6 @@ def jobs_dir() -> Path:
 
 def job_key(job_id: str) -> str:
     """File-name-safe key of a job id: the id itself when it is safe, else a slug plus a short hash."""
-    import hashlib
-
-    from .files import safe_name
-
     slug = safe_name(job_id)
     return slug if slug == job_id else f"{slug}-{hashlib.sha256(job_id.encode()).hexdigest()[:10]}"
 

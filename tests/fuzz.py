@@ -47,7 +47,7 @@ from typing import Any
 
 from tests.sidecar_proc import REPO, Sidecar
 
-MAX_DEPTH = 128  # server.MAX_NESTING_DEPTH; a test checks they agree
+MAX_DEPTH = 128  # rpc.MAX_NESTING_DEPTH; a test checks they agree
 PATHLIKE = re.compile(r"path|model|dir|file|output", re.I)
 EXCLUDED_METHODS = ("shutdown", "exit")
 UNKNOWN_METHODS = ["nope", "", "Train", "rpc.discover", "status ", "$/progress", "adapters/nope", "x" * 300]

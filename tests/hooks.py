@@ -1,8 +1,8 @@
 """Test hooks for the real sidecar process, switched on by environment variables.
 
-Run the sidecar as ``HOOKED_ARGV`` (tests/sidecar_proc.py) to install them. They wrap the server's
-job runners (``Server._run_train`` / ``Server._run_generate``), never the training code, so they
-hold whatever the runners call:
+Run the sidecar as ``HOOKED_ARGV`` (tests/sidecar_proc.py) to install them. They wrap the app's
+job runner (``App.run_job``, for train and generate jobs), never the training code, so they hold
+whatever the runners call:
 
 - ``LORA_SIDECAR_TEST_HOLD=<phase>:<seconds>`` — when a train job reports ``<phase>`` (``loading``,
   ``preparing``, ``training``, ``saving``) for the first time, or before a ``generate`` job starts
@@ -33,37 +33,36 @@ def _hold(phase: str) -> bool:
 
 
 def install() -> None:
-    from sidecar.server import Server
+    from sidecar.app import App
+    from sidecar.rpc import Dispatcher
 
-    real_train, real_generate = Server._run_train, Server._run_generate
+    real_run_job = App.run_job
 
-    def _run_train(self, job, report, should_stop):
-        held = []
+    def run_job(self, job, report, should_stop):
+        if job.kind == "generate":
+            _hold("generating")
+        elif job.kind == "train":
+            held, real_report = [], report
 
-        def hooked(progress):
-            report(progress)
-            if not held and _hold(progress.phase):
-                held.append(progress.phase)
+            def report(progress):
+                real_report(progress)
+                if not held and _hold(progress.phase):
+                    held.append(progress.phase)
 
-        return real_train(self, job, hooked, should_stop)
+        return real_run_job(self, job, report, should_stop)
 
-    def _run_generate(self, job, report, should_stop):
-        _hold("generating")
-        return real_generate(self, job, report, should_stop)
-
-    Server._run_train = _run_train
-    Server._run_generate = _run_generate
+    App.run_job = run_job
 
     broken = os.environ.get("LORA_SIDECAR_TEST_BREAK")
     if broken == "handle":
-        real_handle = Server._handle
+        real_handle = Dispatcher.handle
 
-        def _handle(self, body, framing, received_at):
+        def handle(self, body, framing, received_at):
             if b"BOOM" in body:
                 raise RuntimeError("test hook: handling this message fails")
             return real_handle(self, body, framing, received_at)
 
-        Server._handle = _handle
+        Dispatcher.handle = handle
     elif broken == "reader":
         from sidecar.stdio import FrameReader
 

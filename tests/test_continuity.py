@@ -33,7 +33,7 @@ import pytest
 
 from sidecar import errors, paths, wire
 from sidecar.journal import Journal
-from sidecar.training import checkpoint, recipe, resume
+from sidecar.training import checkpoint, checks, recipe
 from tests.sidecar_proc import Sidecar, chat_dataset
 
 TOL = 1e-6
@@ -361,7 +361,7 @@ def data_dir(tmp_path, monkeypatch) -> Path:
 
 def train_inproc(cache, params: dict, job_id: str, on_progress=None, stop_at: int | None = None):
     p = msgspec.convert(params, wire.TrainParams)
-    p = resume.prepare_request(params, p)
+    p = checks.check_request(p, params)  # the door
     seen = {"step": 0}
 
     def report(progress: wire.Progress) -> None:

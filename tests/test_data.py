@@ -192,11 +192,11 @@ def test_validation_dataset_errors_name_their_source():
     assert ei.value.data == {"source": "validationDataset", "index": 0, "field": "messages[1].role"}
 
 
-def test_exactly_one_dataset_source():
+def test_exactly_one_dataset_source():  # the door's check (training/checks.py); the loader trusts it
     with pytest.raises(InvalidParams):
-        data.load_train_and_validation(wire.TrainParams())
+        data.check_sources(wire.TrainParams())
     with pytest.raises(InvalidParams):
-        data.load_train_and_validation(wire.TrainParams(dataset=wire.Dataset(examples=[GOOD]), dataset_path="x.jsonl"))
+        data.check_sources(wire.TrainParams(dataset=wire.Dataset(examples=[GOOD]), dataset_path="x.jsonl"))
 
 
 def test_validation_split_is_seeded_and_disjoint():

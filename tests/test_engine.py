@@ -17,7 +17,7 @@ import torch
 from sidecar import compat, data, errors, wire
 from sidecar import generate as generation
 from sidecar.adapters import surgery
-from sidecar.training import loss as lossmod, recipe, schedule
+from sidecar.training import loss as lossmod, publish, recipe, schedule
 from sidecar.models import ModelCache, compute_fingerprint
 
 
@@ -254,7 +254,7 @@ def test_failure_while_saving_removes_the_temp_dir(tiny_model_dir, cache, tmp_pa
         seen["tmp_had"] = sorted(p.name for p in kw["adapter_file"].parent.iterdir())
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(recipe, "_manifest", broken_manifest)
+    monkeypatch.setattr(publish, "manifest", broken_manifest)
     with pytest.raises(errors.TrainingFailed, match="disk full"):
         run(params(tiny_model_dir, out, max_steps=1), cache)
     assert "adapter_model.safetensors" in seen["tmp_had"]  # the failure really happened mid-write

@@ -207,7 +207,7 @@ class TestModelCache:
 
     @pytest.mark.parametrize("native", [True, False])
     def test_bf16_on_cpu_warns_only_without_native_bf16(self, tiny_model_dir, monkeypatch, native):
-        monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: native)
+        monkeypatch.setattr(models.devices, "cpu_has_native_bf16", lambda: native)
         loaded = ModelCache().get(str(tiny_model_dir), device="cpu", dtype="bfloat16")
         assert loaded.model.dtype is torch.bfloat16
         assert any("slower" in w for w in loaded.warnings) is not native
@@ -276,7 +276,7 @@ class TestBuildOnce:
             raise RuntimeError("killed half way")
 
         with pytest.raises(RuntimeError):
-            models._build_once(target, explode, source=None)
+            models.embedded._build_once(target, explode, source=None)
         assert not target.exists()
         assert not list(tmp_path.glob(".model.tmp-*"))
 
@@ -287,11 +287,11 @@ class TestBuildOnce:
         stale_tmp = tmp_path / ".model.tmp-dead"
         stale_tmp.mkdir()
         calls = []
-        models._build_once(target, lambda tmp: (calls.append(1), _write_files(tmp)), source=None)
+        models.embedded._build_once(target, lambda tmp: (calls.append(1), _write_files(tmp)), source=None)
         assert calls == [1]
         assert (target / MARKER).is_file() and (target / "config.json").read_text() == "{}"
         assert not stale_tmp.exists()
-        models._build_once(target, lambda tmp: calls.append(2), source=None)
+        models.embedded._build_once(target, lambda tmp: calls.append(2), source=None)
         assert calls == [1]
 
     def test_changed_source_is_rebuilt(self, tmp_path):
@@ -299,10 +299,10 @@ class TestBuildOnce:
         source.write_bytes(b"v1")
         target = tmp_path / "model"
         calls = []
-        models._build_once(target, lambda tmp: calls.append(1), source=source)
-        models._build_once(target, lambda tmp: calls.append(2), source=source)
+        models.embedded._build_once(target, lambda tmp: calls.append(1), source=source)
+        models.embedded._build_once(target, lambda tmp: calls.append(2), source=source)
         source.write_bytes(b"version 2")
-        models._build_once(target, lambda tmp: calls.append(3), source=source)
+        models.embedded._build_once(target, lambda tmp: calls.append(3), source=source)
         assert calls == [1, 3]
 
     def test_concurrent_builders_build_once(self, tmp_path):
@@ -314,7 +314,7 @@ class TestBuildOnce:
             time.sleep(0.3)
             _write_files(tmp)
 
-        threads = [threading.Thread(target=models._build_once, args=(target, slow), kwargs={"source": None})
+        threads = [threading.Thread(target=models.embedded._build_once, args=(target, slow), kwargs={"source": None})
                    for _ in range(3)]
         for t in threads:
             t.start()
@@ -380,7 +380,7 @@ class TestEmbedded:
         def no_conversion(*args, **kwargs):
             raise AssertionError("the embedded model was converted again")
 
-        monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+        monkeypatch.setattr(models.embedded, "_convert_gguf", no_conversion)
         started = time.monotonic()
         again = resolve_model("smollm2-135m")
         loaded = ModelCache().get("smollm2-135m")

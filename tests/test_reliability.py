@@ -421,7 +421,8 @@ def test_an_os_error_on_a_client_path_becomes_a_path_error_naming_the_field(tmp_
     import io
 
     from sidecar import errors, wire
-    from sidecar.server import Server, path_error
+    from sidecar.rpc import path_error
+    from sidecar.server import Server
     from sidecar.stdio import FrameReader, MessageWriter
 
     err = path_error(PermissionError(13, "Permission denied", f"{tmp_path}/out.tmp-job"),
@@ -434,23 +435,23 @@ def test_an_os_error_on_a_client_path_becomes_a_path_error_naming_the_field(tmp_
     try:
         params = wire.decode_params({"datasetPath": str(tmp_path / "data.jsonl")}, wire.TrainParams)
 
-        def failing(job, report, should_stop):
+        def failing(app, job, report, should_stop):
             raise IsADirectoryError(21, "Is a directory", str(tmp_path / "data.jsonl"))
 
-        server._run_train = failing
-        job = server.jobs.submit("train", params, job_id="j", base_model="m", received_at=time.time())
+        job = server.app.jobs.submit("train", params, runner=failing, job_id="j", base_model="m",
+                                     received_at=time.time())
         with pytest.raises(errors.PathError) as caught:
             job.future.result(30)
         assert caught.value.data["field"] == "$.datasetPath" and "Is a directory" in caught.value.message
     finally:
-        server.jobs.stop(5)
+        server.app.jobs.stop(5)
 
 
 def test_fuzzer_and_server_agree_on_the_nesting_limit():
-    from sidecar import server
+    from sidecar import rpc
     from tests import fuzz
 
-    assert fuzz.MAX_DEPTH == server.MAX_NESTING_DEPTH
+    assert fuzz.MAX_DEPTH == rpc.MAX_NESTING_DEPTH
 
 
 def hold_lock(path: Path) -> int:

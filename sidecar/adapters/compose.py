@@ -35,7 +35,8 @@ from typing import Any
 
 from .. import __version__, errors, library_versions, paths, wire
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, atomic_write_text, fsync_dir, safe_name, sha256_file, utc_iso
-from .resident import AdapterRegistry, Resident, module_leaf_names
+from .fit import module_leaf_names
+from .resident import AdapterRegistry, Resident
 
 MANIFEST_FILE = "compose_manifest.json"
 FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -48,8 +49,7 @@ def check_params(p: wire.AdaptersComposeParams) -> None:
     """What can be refused before any model work (InvalidParams / ComposeInvalid naming the field)."""
     seen: set[str] = set()
     for k, source in enumerate(p.sources):
-        if (source.id is None) == (source.path is None):
-            raise errors.InvalidParams("Each source needs exactly one of id and path", field=f"$.sources[{k}]")
+        wire.one_of(source, "id", "path", message="Each source needs exactly one of id and path", field=f"$.sources[{k}]")
         key = source.id or str(Path(source.path).expanduser().absolute())
         if key in seen:
             raise errors.InvalidParams(f"Source {key} appears twice", field=f"$.sources[{k}]")
@@ -117,16 +117,50 @@ def _check_sources(p: wire.AdaptersComposeParams, sources: list[Resident]) -> No
 
 
 def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegistry, stack: Any) -> wire.AdaptersComposeResult:
-    import torch
-
-    check_params(p)
+    """Compose the sources of ``p`` into a new adapter (see the module doc). ``p`` has passed
+    ``check_params`` at the door."""
     started = time.monotonic()
     if p.load and p.name is not None and p.name in {r.id for r in registry.residents()}:
         raise errors.AdapterIdInUse(f"An adapter with id {p.name!r} is already resident; choose another name or "
                                     "unload it first", id=p.name, field="$.name")
     target = _output_dir(p)
-
     protect = {s.id for s in p.sources if s.id is not None}
+    sources, evicted = _resolve_sources(p, models, registry, protect)
+    _check_sources(p, sources)
+    loaded = base_of(models, sources[0])
+    tmp_root = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        out, rank = _combine(p, stack.ensure(loaded, sources), loaded, sources, tmp_root)
+        modules = set().union(*(s.tensors for s in sources))
+        _simplify_targets(out / ADAPTER_CONFIG, loaded.model, modules)
+        loaded.tokenizer.save_pretrained(str(out))
+        parents = [wire.ComposeParent(id=s.id, path=s.path, sha256=s.sha256, weight=src.weight, rank=s.rank,
+                                      alpha=s.alpha) for s, src in zip(sources, p.sources)]
+        manifest = _manifest(p, loaded, sources, parents, target, out / ADAPTER_FILE, rank, modules)
+        atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        _publish(out, target)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    registry.touch(sources)
+
+    adapter_id = None
+    if p.load:
+        outcome = registry.load(str(target), models=models, adapter_id=p.name, pin=p.pin,
+                                base_model=sources[0].base_name, device=p.device, dtype=p.dtype,
+                                trust_remote_code=p.trust_remote_code, protect=protect)
+        adapter_id = outcome.resident.id
+        evicted += outcome.evicted
+    return wire.AdaptersComposeResult(
+        adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE), method=p.method, density=p.density,
+        rank=rank, target_modules=manifest["adapter"]["targetModules"], sha256=manifest["adapter"]["sha256"],
+        bytes=manifest["adapter"]["bytes"], parents=parents, adapter_id=adapter_id, evicted=evicted,
+        compose_ms=round((time.monotonic() - started) * 1000))
+
+
+def _resolve_sources(p: wire.AdaptersComposeParams, models: Any, registry: AdapterRegistry,
+                     protect: set[str]) -> tuple[list[Resident], list[str]]:
+    """The residents of ``p.sources`` (loading the ones given by path; ``protect`` grows with them) and
+    the ids those loads evicted."""
     sources: list[Resident] = []
     evicted: list[str] = []
     for k, source in enumerate(p.sources):
@@ -142,13 +176,17 @@ def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegi
         if any(s is sources[-1] for s in sources[:-1]):
             raise errors.InvalidParams(f"Source {sources[-1].id} appears twice (by id and by path)",
                                        field=f"$.sources[{k}]")
-    _check_sources(p, sources)
-    loaded = base_of(models, sources[0])
+    return sources, evicted
 
-    state = stack.ensure(loaded, sources)
+
+def _combine(p: wire.AdaptersComposeParams, state: Any, loaded: Any, sources: list[Resident],
+             tmp_root: Path) -> tuple[Path, int]:
+    """PEFT's ``add_weighted_adapter`` on the stacked sources, saved under ``tmp_root``; the new adapter
+    is deleted from the base again. Returns (its directory, its rank)."""
+    import torch
+
     tuner = state.peft_model.base_model
     internal = f"composed{time.monotonic_ns()}"
-    tmp_root = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(p.seed)  # dare_* prune at random
@@ -172,58 +210,41 @@ def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegi
         if internal in state.peft_model.peft_config:
             state.peft_model.delete_adapter(internal)
             state.refresh()
-    try:
-        out = tmp_root / internal
-        _simplify_targets(out / ADAPTER_CONFIG, loaded.model, set().union(*(s.tensors for s in sources)))
-        loaded.tokenizer.save_pretrained(str(out))
-        rank = int(config.r)
-        parents = [wire.ComposeParent(id=s.id, path=s.path, sha256=s.sha256, weight=src.weight, rank=s.rank,
-                                      alpha=s.alpha) for s, src in zip(sources, p.sources)]
-        weights_file = out / ADAPTER_FILE
-        manifest = {
-            "format": "lora-sidecar.compose-manifest/1",
-            "createdAt": utc_iso(time.time()),
-            "sidecar": {"version": __version__},
-            "libraries": library_versions(),
-            "method": p.method, "density": p.density, "svdRank": p.svd_rank,
-            "majoritySignMethod": p.majority_sign_method, "seed": p.seed,
-            "baseModel": {"name": sources[0].base_name, "path": loaded.resolved.path, "device": loaded.device,
-                          "dtype": str(loaded.dtype).removeprefix("torch.")},
-            "parents": [wire.to_builtins(parent) for parent in parents],
-            "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(weights_file),
-                        "bytes": weights_file.stat().st_size, "rank": rank,
-                        "targetModules": module_leaf_names(set().union(*(s.tensors for s in sources)))},
-        }
-        atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise errors.OutputExists(f"Output path {target} appeared while composing", path=str(target))
-        if target.is_dir():
-            target.rmdir()  # an empty directory the caller created for us
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(out, target)
-        fsync_dir(target.parent)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    registry.touch(sources)
+    return tmp_root / internal, int(config.r)
 
-    adapter_id = None
-    if p.load:
-        outcome = registry.load(str(target), models=models, adapter_id=p.name, pin=p.pin,
-                                base_model=sources[0].base_name, device=p.device, dtype=p.dtype,
-                                trust_remote_code=p.trust_remote_code, protect=protect)
-        adapter_id = outcome.resident.id
-        evicted += outcome.evicted
-    return wire.AdaptersComposeResult(
-        adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE), method=p.method, density=p.density,
-        rank=rank, target_modules=manifest["adapter"]["targetModules"], sha256=manifest["adapter"]["sha256"],
-        bytes=manifest["adapter"]["bytes"], parents=parents, adapter_id=adapter_id, evicted=evicted,
-        compose_ms=round((time.monotonic() - started) * 1000))
+
+def _manifest(p: wire.AdaptersComposeParams, loaded: Any, sources: list[Resident], parents: list[wire.ComposeParent],
+              target: Path, weights_file: Path, rank: int, modules: set[str]) -> dict[str, Any]:
+    return {
+        "format": "lora-sidecar.compose-manifest/1",
+        "createdAt": utc_iso(time.time()),
+        "sidecar": {"version": __version__},
+        "libraries": library_versions(),
+        "method": p.method, "density": p.density, "svdRank": p.svd_rank,
+        "majoritySignMethod": p.majority_sign_method, "seed": p.seed,
+        "baseModel": {"name": sources[0].base_name, "path": loaded.resolved.path, "device": loaded.device,
+                      "dtype": str(loaded.dtype).removeprefix("torch.")},
+        "parents": [wire.to_builtins(parent) for parent in parents],
+        "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(weights_file),
+                    "bytes": weights_file.stat().st_size, "rank": rank, "targetModules": module_leaf_names(modules)},
+    }
+
+
+def _publish(out: Path, target: Path) -> None:
+    """Rename the finished adapter into place (an empty directory made for us is replaced)."""
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise errors.OutputExists(f"Output path {target} appeared while composing", path=str(target))
+    if target.is_dir():
+        target.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(out, target)
+    fsync_dir(target.parent)
 
 
 def base_of(models: Any, resident: Resident) -> Any:
     """The warm base a resident lives on (loaded again if the cache evicted it)."""
     loaded = models.get(resident.base_name, device=resident.device,
-                        dtype=str(resident.base_key[2]).removeprefix("torch."))
+                        dtype=str(resident.base_key.dtype).removeprefix("torch."))
     if loaded.key != resident.base_key:
         raise errors.AdapterBaseMismatch(f"The base of adapter {resident.id} ({resident.base_name}) no longer "
                                          "resolves to the model it was loaded on", id=resident.id)

@@ -23,10 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+import msgspec
+
 from .. import errors, wire
+from ..files import MANIFEST_FILE
 from . import gguf_lora, merge, preflight
 from .gguf_layout import check_against_base, layout_for, read_config
-from .source import MANIFEST_FILE, AdapterSource, BaseModel, read_adapter, resolve_base
+from .source import AdapterSource, BaseModel, read_adapter, resolve_base
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +56,7 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
     preflight.check(source, base, config, fmt, out_type)
     warnings = _warnings(source, base, fmt, models)
 
-    layout = None
-    if fmt in preflight.GGUF_FORMATS:
-        layout = layout_for(config, base.gguf_path, fmt)
-        targets = {}
-        for pair in source.pairs:
-            name = layout.tensor_name(pair.module)
-            if name is None:
-                raise errors.ExportRefused(
-                    f"Cannot export to {fmt}: gguf's {layout.arch} tensor map has no name for the adapted module "
-                    f"{pair.module}. Export 'merged' instead.", format=fmt, reason="unmapped", module=pair.module)
-            targets[name] = (pair.module, int(pair.b.shape[0]), int(pair.a.shape[1]))
-        if base.gguf_path is not None:
-            # The converted checkpoint of a .gguf base lets the q/k row order be checked on real weights.
-            checkpoint = base.hf_path if base.hf_gguf_file is None else None
-            check_against_base(layout, targets, base.gguf_path, checkpoint, fmt)
-
+    layout = _gguf_layout(source, base, config, fmt) if fmt in preflight.GGUF_FORMATS else None
     target = _target(source, fmt, out_type, output_path)
     modelfile = target.with_suffix(".Modelfile") if fmt == "gguf-lora" and base.gguf_path is not None else None
     _check_free(target, overwrite, want_dir=fmt == "merged")
@@ -77,19 +65,10 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp_modelfile = modelfile.with_name(f".{modelfile.name}.tmp-{uuid.uuid4().hex[:8]}") if modelfile else None
-    alpha = None
     try:
-        if fmt == "gguf-lora":
-            alpha = gguf_lora.file_alpha(source.config)
-            adapted = gguf_lora.write(source.pairs, layout, tmp, alpha=alpha, out_type=out_type, name=source.name)
-            if tmp_modelfile is not None:
-                tmp_modelfile.write_text(_modelfile(base.gguf_path, target), encoding="utf-8")
-        elif fmt == "merged":
-            tmp.mkdir()
-            merge.write_merged(source, base, tmp, out_type)
-            adapted = len(source.pairs)
-        else:
-            adapted = merge.write_merged_gguf(source, base, layout, tmp, out_type)
+        adapted, alpha = _write(source, base, layout, fmt, out_type, tmp)
+        if tmp_modelfile is not None:
+            tmp_modelfile.write_text(_modelfile(base.gguf_path, target), encoding="utf-8")
         _fsync(tmp)
         for written, final in ((tmp, target), (tmp_modelfile, modelfile)):
             if written is not None:
@@ -117,9 +96,40 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
         bytes=total, files=files, modelfile_path=str(modelfile) if modelfile else None,
         base_model=base.name, base_gguf=str(base.gguf_path) if base.gguf_path else None, adapted_weights=adapted,
         lora_alpha=alpha, duration_ms=round((time.monotonic() - started) * 1000), warnings=warnings)
-    result.manifest_updated = record_export(source, result)
+    result = msgspec.structs.replace(result, manifest_updated=record_export(source, result))
     log.info("exported %s as %s to %s (%d bytes, %d ms)", source.path, fmt, target, result.bytes, result.duration_ms)
     return result
+
+
+def _gguf_layout(source: AdapterSource, base: BaseModel, config: dict[str, Any], fmt: str) -> Any:
+    """The GGUF tensor layout of the base, with every adapted module named in it (else ExportRefused)."""
+    layout = layout_for(config, base.gguf_path, fmt)
+    targets = {}
+    for pair in source.pairs:
+        name = layout.tensor_name(pair.module)
+        if name is None:
+            raise errors.ExportRefused(
+                f"Cannot export to {fmt}: gguf's {layout.arch} tensor map has no name for the adapted module "
+                f"{pair.module}. Export 'merged' instead.", format=fmt, reason="unmapped", module=pair.module)
+        targets[name] = (pair.module, int(pair.b.shape[0]), int(pair.a.shape[1]))
+    if base.gguf_path is not None:
+        # The converted checkpoint of a .gguf base lets the q/k row order be checked on real weights.
+        checkpoint = base.hf_path if base.hf_gguf_file is None else None
+        check_against_base(layout, targets, base.gguf_path, checkpoint, fmt)
+    return layout
+
+
+def _write(source: AdapterSource, base: BaseModel, layout: Any, fmt: str, out_type: str,
+           tmp: Path) -> tuple[int, Optional[float]]:
+    """Write the export to ``tmp``; (adapted weights, the GGUF LoRA file's alpha or None)."""
+    if fmt == "gguf-lora":
+        alpha = gguf_lora.file_alpha(source.config)
+        return gguf_lora.write(source.pairs, layout, tmp, alpha=alpha, out_type=out_type, name=source.name), alpha
+    if fmt == "merged":
+        tmp.mkdir()
+        merge.write_merged(source, base, tmp, out_type)
+        return len(source.pairs), None
+    return merge.write_merged_gguf(source, base, layout, tmp, out_type), None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,8 +221,8 @@ def _modelfile(base_gguf: Path, lora: Path) -> str:
 def _warnings(source: AdapterSource, base: BaseModel, fmt: str, models: Any) -> list[str]:
     warnings = []
     trained_bits = ((source.manifest or {}).get("baseModel") or {}).get("quantizeBits")
-    warm_bits = sorted({e.key[3] for e in (models.entries() if models is not None else [])
-                        if e.key[3] and e.resolved.path == base.hf_path})
+    warm_bits = sorted({e.key.quantize_bits for e in (models.entries() if models is not None else [])
+                        if e.key.quantize_bits and e.resolved.path == base.hf_path})
     if fmt in ("merged", "merged-gguf") and (trained_bits or warm_bits):
         how = (f"trained on a {trained_bits}-bit quantized base" if trained_bits
                else f"loaded here {warm_bits[0]}-bit quantized")

@@ -21,8 +21,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
+from .fit import module_scale
 from .gguf_layout import GgufLayout, encode, file_type
-from .source import LoraPair, module_scale
+from .source import LoraPair
 
 
 def file_alpha(config: dict[str, Any]) -> float:

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import errors
+from .fit import PEFT_PREFIX
 from .gguf_layout import GgufLayout, choose_qtype, encode, encoded_nbytes, file_type
-from .source import PEFT_PREFIX, AdapterSource, BaseModel
+from .source import AdapterSource, BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def _load_base_fp32(base: BaseModel) -> Any:
                                      f"{type(exc).__name__}: {exc}", name=base.name) from exc
     if base.hf_gguf_file:
         # A model read from a .gguf carries the GGUF quantization_config and refuses save_pretrained;
-        # rebuild a plain one with the same (dequantized) weights, as models._convert_gguf does.
+        # rebuild a plain one with the same (dequantized) weights, as models/embedded.py's _convert_gguf does.
         config_dict = model.config.to_dict()
         config_dict.pop("quantization_config", None)
         config_dict.pop("_name_or_path", None)
@@ -75,7 +76,7 @@ def write_merged(source: AdapterSource, base: BaseModel, out_dir: Path, out_type
     tokenizer and chat template; stock ``from_pretrained`` loads it."""
     import torch
 
-    from ..models import _ensure_pad_and_template, save_tokenizer
+    from ..models import ensure_pad_and_template, save_tokenizer
 
     peft_model = _with_adapter(source, base)
     merged = peft_model.merge_and_unload(safe_merge=True)
@@ -84,7 +85,7 @@ def write_merged(source: AdapterSource, base: BaseModel, out_dir: Path, out_type
     merged.config.dtype = dtype
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     tokenizer = _tokenizer(source, base)
-    _ensure_pad_and_template(tokenizer)
+    ensure_pad_and_template(tokenizer)
     save_tokenizer(tokenizer, out_dir)
 
 

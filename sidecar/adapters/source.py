@@ -9,19 +9,14 @@ a transformers checkpoint, and the GGUF file when the base is one.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import errors
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-MANIFEST_FILE = "training_manifest.json"
-PEFT_PREFIX = "base_model.model."
+from . import fit
+from .fit import PEFT_PREFIX, module_scale
 
 
 @dataclass(frozen=True)
@@ -58,73 +53,27 @@ class AdapterSource:
         return self.path.name
 
 
-def module_scale(config: dict[str, Any], module: str) -> tuple[int, float, float]:
-    """(rank, alpha, scale) that PEFT gives ``module``, with ``rank_pattern``/``alpha_pattern``
-    matched by peft's own ``get_pattern_key``, as LoraModel._create_and_replace does."""
-    from peft.utils.other import get_pattern_key
-
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module), config.get("lora_alpha", 8))
-    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return int(rank), float(alpha), float(scale)
-
-
 def read_adapter(path: str | Path) -> AdapterSource:
-    """Read ``adapter_config.json``, ``adapter_model.safetensors`` and the manifest (optional).
-
-    Raises AdapterNotFound when the directory or its config/weights are missing.
-    """
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(path).expanduser().absolute()
-    config_file = adapter_dir / ADAPTER_CONFIG
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not config_file.is_file() or not weights.is_file():
-        what = ("does not exist" if not adapter_dir.exists()
-                else f"has no {ADAPTER_CONFIG}" if not config_file.is_file() else f"has no {ADAPTER_WEIGHTS}")
-        raise errors.AdapterNotFound(f"Adapter {adapter_dir} {what}", path=str(adapter_dir))
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise errors.AdapterNotFound(f"Adapter {adapter_dir}: {ADAPTER_CONFIG} is not valid JSON: {exc}",
-                                     path=str(adapter_dir)) from None
-    manifest = None
-    if (adapter_dir / MANIFEST_FILE).is_file():
-        try:
-            manifest = json.loads((adapter_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
-        except ValueError:
-            manifest = None  # not ours, or damaged: export without recording
-
-    tensors = load_file(str(weights), device="cpu")
-    halves: dict[str, dict[str, Any]] = {}
-    other: dict[str, tuple[int, ...]] = {}
-    for key, tensor in tensors.items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", name)
-        if match:
-            halves.setdefault(match.group(1), {})[match.group(2)] = tensor
-        else:
-            other[name] = tuple(tensor.shape)
+    """Read ``adapter_config.json``, ``adapter_model.safetensors`` and the manifest (optional), through
+    fit.py (its errors: AdapterNotFound, AdapterInvalid, AdapterBaseMismatch for a rank that is not the
+    config's)."""
+    files = fit.read(path)
+    halves, rest = fit.split_lora(fit.tensors(files))
+    fit.check_pairs(files, halves)
+    other = {key.removeprefix(PEFT_PREFIX): tuple(tensor.shape) for key, tensor in rest.items()}
     pairs = []
     for module in sorted(halves, key=_natural_key):
-        half = halves[module]
-        if set(half) != {"A", "B"}:
-            raise errors.AdapterNotFound(f"Adapter {adapter_dir} is damaged: {module} has lora_{''.join(half)} "
-                                         "but not its partner", path=str(adapter_dir), module=module)
-        a, b = half["A"].float().numpy(), half["B"].float().numpy()
+        a, b = halves[module]["A"].float().numpy(), halves[module]["B"].float().numpy()
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             other[f"{module}.lora_A.weight"] = tuple(a.shape)  # conv LoRA etc.: preflight refuses it
             other[f"{module}.lora_B.weight"] = tuple(b.shape)
             continue
-        rank, alpha, scale = module_scale(config, module)
+        rank, alpha, scale = module_scale(files.config, module)
         if rank != a.shape[0]:
-            raise errors.AdapterNotFound(
-                f"Adapter {adapter_dir}: {module} has rank {a.shape[0]} in its weights but {rank} in "
-                f"{ADAPTER_CONFIG}", path=str(adapter_dir), module=module)
+            raise fit.rank_mismatch(files, module, a.shape[0])
         pairs.append(LoraPair(module=module, a=a, b=b, rank=rank, alpha=alpha, scale=scale))
-    return AdapterSource(path=adapter_dir, config=config, manifest=manifest, pairs=pairs, other_tensors=other)
+    return AdapterSource(path=files.dir, config=files.config, manifest=files.manifest, pairs=pairs,
+                         other_tensors=other)
 
 
 def _natural_key(name: str) -> list[Any]:

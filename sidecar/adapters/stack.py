@@ -70,7 +70,6 @@ class Group:
     """Variants that run in the same forward (indices into the request's variants)."""
 
     variants: list[int]
-    stacked: bool = False
 
 
 def plan(variants: list[Variant]) -> list[Group]:
@@ -79,7 +78,7 @@ def plan(variants: list[Variant]) -> list[Group]:
     stacked: list[Group] = []
     for index, variant in enumerate(variants):
         if len(variant) >= 2:
-            stacked.append(Group([index], stacked=True))
+            stacked.append(Group([index]))
             continue
         for group, scales in mixed:
             if not variant or scales.get(variant[0][0].peft_name, variant[0][1]) == variant[0][1]:
@@ -100,10 +99,6 @@ class Stack:
         registry.on_drop.append(self.remove)
 
     # --- keeping the base models' LoRA layers in step with the registry ---------------------
-
-    def injected(self, loaded: Any) -> list[str]:
-        state = self._states.get(id(loaded.model))
-        return sorted(r.id for r in state.injected.values()) if state else []
 
     def strip(self, loaded: Any = None) -> None:
         """Take every resident off ``loaded``'s base model (or off every base): the base is exactly as loaded."""

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .. import errors, wire
+from .fit import locate
 
 
 def default_target_modules(model: Any) -> list[str]:
@@ -110,10 +110,9 @@ def attached_adapter(loaded: Any, adapter_path: Optional[str]) -> Iterator[Any]:
     if adapter_path is None:
         yield loaded.model
         return
-    adapter_dir = Path(adapter_path).expanduser()
-    if not (adapter_dir / "adapter_config.json").is_file():
-        why = "does not exist" if not adapter_dir.exists() else "has no adapter_config.json"
-        raise errors.AdapterNotFound(f"Adapter {adapter_path} {why}", path=str(adapter_path))
+    # Stock PEFT reads the directory (DoRA and every other kind, adapter_model.bin too); fit.py says
+    # when it is not an adapter directory at all.
+    adapter_dir = locate(adapter_path, pickle_ok=True)
     from peft import PeftModel
 
     before = snapshot(loaded.model)

@@ -21,11 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import types
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from ..models import cpu_has_native_bf16
+
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+
+
+def kept_weights(loaded: LoadedModel) -> dict[str, Any]:
+    """Where the bf16 weight copies of ``loaded``'s base model are kept: its cache entry's ``derived``
+    dict, shared by every view of that entry and freed with it when the cache evicts the model (the
+    cache's memory budget counts the copies)."""
+    return loaded.derived
 
 
 def wanted(requested_dtype: str | None, device: str, weights_dtype: torch.dtype, quantized: bool,
@@ -67,9 +77,9 @@ def _frozen_linears(lm: Any) -> list[tuple[str, torch.nn.Linear]]:
 
 def weight_copies(lm: Any, store: dict[str, Any]) -> list[tuple[torch.nn.Linear, torch.Tensor]]:
     """Each frozen linear layer of ``lm`` with the bf16 copy of its weight, made once per base model and
-    kept in ``store`` (the cache entry's shared state); a weight changed in place since (its version
-    counter moved) is copied again. Keyed by the module's id: the Linear objects stay the same while
-    peft wraps them."""
+    kept in ``store`` (``kept_weights(loaded)``: the cache entry's shared state); a weight changed in
+    place since (its version counter moved) is copied again. Keyed by the module's id: the Linear
+    objects stay the same while peft wraps them."""
     copies: dict[int, tuple[int, torch.Tensor]] = store.setdefault("bf16_weights", {})
     out = []
     for _, module in _frozen_linears(lm):

@@ -138,16 +138,19 @@ def train_in_process_group(params: Any, *, strategy: str = "ddp", device: Option
 
     ``params``: TrainParams or its JSON object; ``device``: this rank's device (``cuda:N`` or
     ``cpu``; default from ``params.device`` and ``LOCAL_RANK``). Rank 0 writes the adapter and
-    returns the result; other ranks return None. Raises the recipe's errors.
+    returns the result; other ranks return None. Raises the request checks' and the recipe's errors.
     """
     from ..models import ModelCache
+    from .checks import check_distributed, check_request
     from .world import DistributedWorld
 
-    from .distributed import check_params
-
+    raw = params if isinstance(params, dict) else None
     if not isinstance(params, wire.TrainParams):
         params = msgspec.convert(params, wire.TrainParams)
-    check_params(params, strategy)
+    # This is a door of its own (no sidecar checked the request): what a distributed job cannot do,
+    # then every other request check.
+    check_distributed(params, strategy)
+    params = check_request(params, raw)
     if device is None:
         device, _ = _device(params.device)
     elif device.startswith("cuda"):
@@ -189,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=os.environ.get("LORA_SIDECAR_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from .distributed import LAUNCHER_PID_ENV, die_with_parent
+    from ..procs import die_with_parent
+    from .distributed import LAUNCHER_PID_ENV
 
     # Never outlive the launcher (torchrun's agent, which the sidecar may have started).
     launcher = os.environ.get(LAUNCHER_PID_ENV)

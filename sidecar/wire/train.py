@@ -1,0 +1,238 @@
+"""The ``train`` method and what it carries: datasets, the job's params and result, and the
+``progress`` notification a job sends while it runs."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from msgspec import Meta
+
+from .adapters import ExportFormat, ExportResult, OutType
+from .base import (Fraction, JobId, ModelName, Name, NonNegInt, OutputPath, PathText, PositiveFloat, PositiveInt,
+                   Wire, placed)
+
+Phase = Literal[
+    "queued", "loading", "preparing", "training", "evaluating", "saving", "completed", "failed", "cancelled",
+    "interrupted",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+
+class Message(Wire, kw_only=True):
+    """One chat turn. ``role`` is checked by the dataset layer (DatasetInvalid names the example)."""
+
+    role: str
+    content: Optional[str] = None
+
+
+class Example(Wire, kw_only=True):
+    """One training example: ``messages`` (chat), or ``prompt`` + ``completion``, or ``text``."""
+
+    messages: Optional[list[Message]] = None
+    prompt: Optional[str] = None
+    completion: Optional[str] = None
+    text: Optional[str] = None
+    metadata: Optional[dict[str, Any]] = None
+
+
+class Dataset(Wire, kw_only=True):
+    examples: list[Example]
+    metadata: Optional[dict[str, Any]] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
+
+class EarlyStopping(Wire, kw_only=True):
+    patience: PositiveInt
+    """Stop after this many evaluations in a row without improvement."""
+    min_delta: Annotated[float, Meta(ge=0)] = 0.0
+    """An evaluation improves when its validation loss is below the best by more than this."""
+
+
+class CheckpointRef(Wire, kw_only=True):
+    path: str
+    step: int
+    bytes: int
+
+
+class Distributed(Wire, kw_only=True):
+    """Train with several processes (one per GPU, or CPU processes) started by torch's elastic launcher.
+
+    ``batchSize`` is per process: a micro-step takes ``batchSize × processes`` examples (the global
+    batch), an optimizer step ``batchSize × gradientAccumulation × processes``; each step's examples
+    are those of a single-process job with ``batchSize × processes`` and are dealt out row by row.
+    """
+
+    processes: Annotated[int, Meta(ge=1, le=1024)]
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """``ddp``: every process holds the whole model (DistributedDataParallel); ``fsdp``: the model is
+    sharded over the processes (FSDP2 ``fully_shard``), for models that do not fit one device."""
+    backend: Optional[Literal["gloo", "nccl"]] = None
+    """torch.distributed backend; default nccl on CUDA, gloo on CPU."""
+
+
+class TrainExport(Wire, kw_only=True):
+    """One export a ``train`` job ends with (as ``adapters/export`` of the new adapter)."""
+
+    format: ExportFormat
+    out_type: Optional[OutType] = None
+    output_path: Optional[PathText] = None
+    """Default: under ``<adapter>/exports/``."""
+
+
+class _TrainSetup(Wire, kw_only=True):
+    """The fields of ``TrainParams`` before its ``Placement``: data, the LoRA, the optimisation, quantization."""
+
+    base_model: ModelName = "default"
+    dataset: Optional[Dataset] = None
+    dataset_path: Optional[PathText] = None
+    validation_dataset: Optional[Dataset] = None
+    validation_path: Optional[PathText] = None
+    validation_split: Annotated[float, Meta(ge=0, le=0.5)] = 0.0
+    output_path: Optional[OutputPath] = None
+    name: Optional[Name] = None
+    job_id: Optional[JobId] = None
+
+    rank: Annotated[int, Meta(gt=0, le=1024)] = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Fraction = 0.05
+    target_modules: Optional[list[str]] = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    epochs: Annotated[int, Meta(gt=0, le=1000)] = 3
+    max_steps: Optional[PositiveInt] = None
+    """Exact number of optimizer steps; overrides ``epochs`` and repeats the data as needed."""
+    learning_rate: Annotated[float, Meta(gt=0, le=1)] = 2e-4
+    batch_size: Annotated[int, Meta(gt=0, le=4096)] = 4
+    gradient_accumulation: Annotated[int, Meta(gt=0, le=4096)] = 1
+    max_seq_length: Annotated[int, Meta(ge=8, le=131072)] = 1024
+    warmup_ratio: Annotated[float, Meta(ge=0, le=1)] = 0.03
+    scheduler: Literal["linear", "cosine", "constant"] = "cosine"
+    weight_decay: Annotated[float, Meta(ge=0)] = 0.0
+    max_grad_norm: Annotated[float, Meta(ge=0)] = 1.0
+    seed: int = 42
+    loss_on: Literal["assistant", "all"] = "assistant"
+    gradient_checkpointing: bool = False
+    group_by_length: Optional[bool] = None
+    """Batch examples of similar length together (less padding). ``None``: only where it pays, when
+    random batches would feed at least 10 % more padded tokens than grouped ones (data.grouping_pays):
+    grouping makes each batch's examples alike, which measurably cost adapter quality on data of
+    near-uniform length, where it saves little. ``true`` / ``false``: always / never. The order inside
+    an epoch stays seeded either way."""
+    micro_batch_tokens: Optional[Annotated[int, Meta(ge=0)]] = None
+    """Largest padded micro-batch (rows × longest row) run at once; a bigger batch is split and its
+    gradients accumulated — the same update, with bounded activation memory. ``None``: 512 on CPU,
+    no limit on GPU; 0: never split."""
+
+    quantize: bool = False
+    quantize_bits: Literal[4, 8] = 4
+
+
+class TrainParams(placed(_TrainSetup), kw_only=True):
+    """Parameters of ``train``: a superset of the TypeScript ``LoRATrainingRequest``.
+
+    Defaults live here and only here; the frozen instance is passed down whole and saved in the
+    adapter's manifest.
+    """
+
+    persona_id: Optional[str] = None
+    persona_name: Optional[str] = None
+    trait_type: Optional[str] = None
+
+    progress_interval: Annotated[float, Meta(ge=0)] = 0.25
+    """Minimum seconds between two progress notifications (phase changes are always sent)."""
+
+    load: bool = False
+    """Also make the new adapter resident (as ``adapters/load`` would) and return its ``adapterId``."""
+    export: Optional[Annotated[list[TrainExport], Meta(max_length=8)]] = None
+    """Exports written once the adapter is saved (``gguf-lora``, ``merged``, ``merged-gguf``); each
+    result is in ``TrainResult.exports``. An export that fails leaves the adapter in place and says why
+    in ``warnings``."""
+    checkpoint_every: Optional[NonNegInt] = None
+    """Write a checkpoint every N optimizer steps (0: not by steps)."""
+    checkpoint_seconds: Optional[Annotated[float, Meta(ge=0)]] = None
+    """Write a checkpoint when this many seconds of training passed since the last one (0: not by
+    time). Neither field given: every 600 s (``LORA_SIDECAR_CHECKPOINT_SECONDS``), so a shorter job
+    writes none; both 0: never, not even on cancel."""
+    keep_checkpoints: Annotated[int, Meta(gt=0, le=1000)] = 2
+    """Checkpoints kept per job (the newest; early stopping also keeps the best)."""
+    resume_from: Optional[PathText] = None
+    """A job id (its newest checkpoint, found through the journal) or a checkpoint directory: continue
+    that job exactly. Omitted params are the job's own; ones that would change the result are refused."""
+    init_from: Optional[PathText] = None
+    """An adapter directory to start from (same base model; its rank, alpha and targets are used),
+    with a fresh optimizer."""
+    early_stopping: Optional[EarlyStopping] = None
+    """Needs validation data: stop when the validation loss has not improved for ``patience``
+    evaluations, and write the best adapter seen."""
+    eval_every: Optional[PositiveInt] = None
+    """Also evaluate every N optimizer steps (default: at epoch ends, at most about 10 times, and at the end)."""
+    distributed: Optional[Distributed] = None
+    """Run the job on a worker group of several processes (docs/SCALING.md); None: in the sidecar."""
+
+
+class TrainMetrics(Wire, kw_only=True):
+    train_loss: float
+    """Mean training loss over the whole run (token-weighted)."""
+    final_loss: float
+    """Training loss of the last optimizer step."""
+    validation_loss: Optional[float] = None
+    epochs: float
+    steps: int
+    training_time: int
+    """Milliseconds from the first step to the end of training."""
+    examples_processed: int
+    tokens_per_second: float
+    """Tokens fed to the model per second of training (padding excluded)."""
+    trainable_tokens: int
+    truncated_examples: int
+    time_to_first_step_ms: int
+    """From the ``train`` request's arrival to the end of the first optimizer step."""
+    load_time_ms: int
+    model_cached: bool
+    peak_memory_mb: float
+    resumed_from_step: Optional[int] = None
+    """Set when the job continued from a checkpoint. Losses, steps, examples, ``tokensPerSecond`` and
+    ``trainingTime`` cover the whole run; ``timeToFirstStepMs``, ``loadTimeMs``, ``modelCached`` and
+    ``peakMemoryMb`` describe the resumed process."""
+    best_step: Optional[int] = None
+    """With early stopping: the step whose adapter was written (its validation loss is ``validationLoss``)."""
+    stopped_early: bool = False
+
+
+class TrainResult(Wire, kw_only=True):
+    job_id: str
+    status: Literal["completed"] = "completed"
+    adapter_path: str
+    manifest_path: str
+    metrics: TrainMetrics
+    warnings: list[str] = []
+    adapter_id: Optional[str] = None
+    """With ``load: true``: the id of the adapter, now resident (null if it could not be; see warnings)."""
+    exports: list[ExportResult] = []
+    """With ``export``: one result per export that was written, in request order."""
+
+
+class Progress(Wire, kw_only=True):
+    """Params of the ``progress`` notification."""
+
+    job_id: str
+    phase: Phase
+    step: int = 0
+    total_steps: int = 0
+    epoch: float = 0.0
+    loss: Optional[float] = None
+    learning_rate: Optional[float] = None
+    tokens_per_second: Optional[float] = None
+    elapsed_seconds: float = 0.0
+    eta_seconds: Optional[float] = None
+    validation_loss: Optional[float] = None
+    message: Optional[str] = None
+    checkpoint: Optional[CheckpointRef] = None
+    """Set on the notification sent when a checkpoint has been written."""
