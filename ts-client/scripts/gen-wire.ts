@@ -1,6 +1,6 @@
 /**
  * Generates src/wire.ts from the JSON Schema the sidecar exports (`train-wrapper.sh -m sidecar
- * schema`), so the TypeScript types cannot drift from sidecar/wire.py.
+ * schema`), so the TypeScript types cannot drift from sidecar/wire/.
  *
  *   npm run gen:types              # regenerate src/wire.ts from the live sidecar
  *   npm run gen:types -- --check   # exit 1 when src/wire.ts differs from what the schema gives
