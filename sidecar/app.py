@@ -40,6 +40,7 @@ class App:
                              journal=journal)
         self._models: Any = None
         self._supervisor: Any = None
+        self._background: Any = None
 
     # --- heavy pieces, made on first use ---------------------------------------------------------
 
@@ -70,10 +71,21 @@ class App:
             self._supervisor = Supervisor()
         return self._supervisor
 
+    @property
+    def background(self) -> Any:
+        """The process of ``priority: background`` jobs (training/background.py; imports no torch)."""
+        if self._background is None:
+            from .training.background import BackgroundProcess
+
+            self._background = BackgroundProcess()
+        return self._background
+
     def close(self) -> None:
-        """The worker group of a distributed job goes with the process, whatever happened."""
+        """The worker group of a distributed job and the background job process go with the process."""
         if self._supervisor is not None:
             self._supervisor.close()
+        if self._background is not None:
+            self._background.close()
 
     # --- jobs --------------------------------------------------------------------------------------
 

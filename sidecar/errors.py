@@ -193,6 +193,25 @@ class WorkerStartFailed(SidecarError):
     CODE, MESSAGE = -32046, "The distributed worker group did not start"
 
 
+class JobNotFound(SidecarError):
+    """``pause`` / ``resume`` of a job id this process does not know (``data: {jobId}``)."""
+
+    CODE, MESSAGE = -32050, "No such job"
+
+
+class JobNotActive(SidecarError):
+    """``pause`` / ``resume`` of a job that has ended, or ended before it reached its pause point
+    (``data: {jobId, state}``)."""
+
+    CODE, MESSAGE = -32051, "The job is no longer queued or running"
+
+
+class BackgroundProcessDied(SidecarError):
+    """The process of a background job ended without an answer (``data: {jobId, pid, exitStatus}``)."""
+
+    CODE, MESSAGE = -32052, "The background job's process died"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
@@ -200,5 +219,5 @@ ALL_ERRORS: list[type[SidecarError]] = [
     ExportRefused, ExportFailed,
     AdapterBaseMismatch, AdapterIdInUse, AdapterBudgetFull, AdapterUnsupported, AdapterInvalid, ComposeInvalid,
     CheckpointNotFound, ResumeMismatch, CheckpointInvalid, AdapterMismatch,
-    WorkerDied, WorkerStartFailed,
+    WorkerDied, WorkerStartFailed, JobNotFound, JobNotActive, BackgroundProcessDied,
 ]

@@ -22,7 +22,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import msgspec
+
 from . import errors, wire
+from .training.pause import PauseGate
 
 log = logging.getLogger("sidecar.jobs")
 
@@ -50,6 +53,12 @@ class Job:
     last_checkpoint: Any = None  # wire.CheckpointRef of the newest checkpoint
     interrupted: bool = False  # stopped by stop(), not by cancel
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    gate: PauseGate = field(default_factory=PauseGate)  # the job's should_stop: cancel and pause points
+    pause_waiters: list = field(default_factory=list)  # Futures of `pause` requests not answered yet
+    paused_by: str | None = None
+    phase_before_pause: str = "training"
+    priority: str | None = None
+    threads: int | None = None
     future: Future = field(default_factory=Future)
     # Throttling state, guarded by JobQueue.lock.
     last_sent_at: float = 0.0
@@ -64,7 +73,8 @@ class Job:
             job_id=self.job_id, kind=self.kind, state=self.state, phase=self.phase, base_model=self.base_model,
             step=self.step, total_steps=self.total_steps, submitted_at=self.received_at,
             started_at=self.started_at, finished_at=self.finished_at, error=self.error,
-            adapter_path=self.adapter_path, last_checkpoint=self.last_checkpoint,
+            adapter_path=self.adapter_path, last_checkpoint=self.last_checkpoint, priority=self.priority,
+            threads=self.threads, paused_by=self.paused_by,
         )
 
 
@@ -126,7 +136,8 @@ class JobQueue:
                 raise errors.DuplicateJob(f"Job {job_id!r} is already queued or running", jobId=job_id)
             job = Job(job_id=job_id, kind=kind, params=params, base_model=base_model, received_at=received_at,
                       request_id=request_id, framing=framing, progress_interval=progress_interval,
-                      runner=runner)
+                      runner=runner, priority=getattr(params, "priority", None),
+                      threads=getattr(params, "threads", None))
             self._record(job)
             self.queue.append(job)
             if request_id is not None:
@@ -140,7 +151,8 @@ class JobQueue:
 
     def position(self, job: Job) -> int:
         with self.lock:
-            ahead = sum(1 for j in self.queue if j is not job and j.received_at <= job.received_at)
+            ahead = sum(1 for j in self.queue if j is not job and j.received_at <= job.received_at
+                        and j.state == "queued")
             return ahead + (1 if self.running is not None else 0)
 
     # --- cancel / status --------------------------------------------------------------------
@@ -156,10 +168,11 @@ class JobQueue:
             job = self._find(job_id)
             if job is None:
                 return "unknown"
-            if job.state == "running":
+            if job is self.running:
                 job.cancel_event.set()
+                job.gate.cancel()
                 return "cancelling"
-            if job.state == "queued":
+            if job in self.queue:  # queued, or held there by `pause`
                 self.queue.remove(job)
                 self._finish_locked(job, "interrupted" if job.interrupted else "cancelled", errors.RequestCancelled(
                     f"Job {job_id} cancelled before it started", jobId=job_id, stepsCompleted=0))
@@ -191,6 +204,7 @@ class JobQueue:
             if self.running:
                 self.running.interrupted = True
                 self.running.cancel_event.set()
+                self.running.gate.cancel()
             self.stopped = True
             self.wakeup.notify_all()
         if threading.current_thread() is not self.worker:
@@ -209,16 +223,19 @@ class JobQueue:
     def _work(self) -> None:
         while True:
             with self.lock:
-                while not self.queue and not self.stopped:
+                # A job held by `pause` stays in the queue; the ones behind it run.
+                while (job := next((j for j in self.queue if j.state == "queued"), None)) is None:
+                    if self.stopped:
+                        return
                     self.wakeup.wait()
-                if not self.queue:
-                    return
-                job = self.queue.popleft()
+                self.queue.remove(job)
                 job.state, job.started_at = "running", time.time()
                 self.running = job
+                job.gate.on_paused = lambda reason, released, ckpt, job=job: self._paused(job, reason, released, ckpt)
+                job.gate.on_resumed = lambda job=job: self._resumed(job)
                 self._record(job)
             try:
-                result = self.run(job, lambda p, job=job: self._report(job, p), job.cancel_event.is_set)
+                result = self.run(job, lambda p, job=job: self._report(job, p), job.gate)
             except errors.RequestCancelled as exc:
                 self._finish(job, "interrupted" if job.interrupted else "cancelled", exc)
             except errors.SidecarError as exc:
@@ -243,6 +260,11 @@ class JobQueue:
         if exc is not None:
             exc.data.setdefault("jobId", job.job_id)
             job.error = exc.message
+        for waiter in job.pause_waiters:
+            waiter.set_exception(errors.JobNotActive(f"Job {job.job_id} ended ({state}) before it reached a pause "
+                                                     "point", jobId=job.job_id, state=state))
+        job.pause_waiters.clear()
+        job.paused_by = None
         if self.running is job:
             self.running = None
         self.recent.append(job)
@@ -286,7 +308,86 @@ class JobQueue:
             job.total_steps = progress.total_steps or job.total_steps
             if not phase_changed and now - job.last_sent_at < job.progress_interval:
                 return
+            if job.priority is not None and progress.priority is None:
+                progress = msgspec.structs.replace(progress, priority=job.priority, threads=job.threads)
             job.last_sent_at, job.last_sent_step, job.last_sent_phase = now, progress.step, progress.phase
             # Written under the lock so notifications keep their order and the final one precedes
             # the result (the response is written only after the future resolves).
             self.notify(job, progress)
+
+    # --- pause / resume -----------------------------------------------------------------------
+
+    def _active(self, job_id: str) -> Job:
+        job = self._find(job_id)
+        if job is None:
+            raise errors.JobNotFound(f"No job {job_id!r} in this process", jobId=job_id)
+        if job.kind != "train" or getattr(job.params, "distributed", None) is not None:
+            raise errors.Unsupported(f"Job {job_id} ({job.kind}{', distributed' if job.kind == 'train' else ''}) "
+                                     "cannot be paused or resumed: only single-process train jobs can",
+                                     jobId=job_id)
+        if job.closed or job.state in FINAL_PHASES:
+            raise errors.JobNotActive(f"Job {job_id} has ended ({job.state})", jobId=job_id, state=job.state)
+        return job
+
+    def pause(self, job_id: str, release: bool = False) -> wire.PauseResult | Future:
+        """Hold a queued job in the queue (at once), or park a running one at its next pause point
+        (the Future answers then)."""
+        with self.lock:
+            job = self._active(job_id)
+            if job in self.queue:
+                if job.state != "paused":
+                    job.state, job.paused_by = "paused", "client"
+                    self._record(job)
+                    self._report(job, wire.Progress(job_id=job_id, phase="paused", paused_by="client",
+                                                    message="held in the queue"))
+                return wire.PauseResult(job_id=job_id, state="paused", step=job.step)
+            job.gate.pause("client", release)
+            if job.gate.parked:  # already parked (by yield): the client's reason holds it too
+                job.paused_by = "client"
+                return wire.PauseResult(job_id=job_id, state="paused", step=job.step)
+            waiter: Future = Future()
+            job.pause_waiters.append(waiter)
+            return waiter
+
+    def resume(self, job_id: str) -> wire.ResumeResult:
+        with self.lock:
+            job = self._active(job_id)
+            if job in self.queue:
+                if job.state == "paused":
+                    job.state, job.phase, job.paused_by = "queued", "queued", None
+                    self._record(job)
+                    self._report(job, wire.Progress(job_id=job_id, phase="queued", message="resumed"))
+                    self.wakeup.notify_all()
+                return wire.ResumeResult(job_id=job_id, state="queued", step=job.step)
+            free = job.gate.resume("client")
+            if free:  # a pause that had not taken effect yet never will
+                for waiter in job.pause_waiters:
+                    waiter.set_result(wire.PauseResult(job_id=job_id, state="running", step=job.step))
+                job.pause_waiters.clear()
+            return wire.ResumeResult(job_id=job_id, state="running" if free else "paused", step=job.step)
+
+    def _paused(self, job: Job, reason: str, released: bool, checkpoint: Any) -> None:
+        """The job's thread parked (the gate's on_paused; a background job's runner calls it too)."""
+        with self.lock:
+            if job.closed:
+                return
+            if job.phase != "paused":
+                job.phase_before_pause = job.phase
+            job.state, job.paused_by = "paused", reason
+            self._record(job)
+            self._report(job, wire.Progress(job_id=job.job_id, phase="paused", step=job.step,
+                                            total_steps=job.total_steps, paused_by=reason, checkpoint=checkpoint,
+                                            message="the machine is busy" if reason == "busy" else None))
+            for waiter in job.pause_waiters:
+                waiter.set_result(wire.PauseResult(job_id=job.job_id, state="paused", step=job.step,
+                                                   released=released, checkpoint=checkpoint))
+            job.pause_waiters.clear()
+
+    def _resumed(self, job: Job) -> None:
+        with self.lock:
+            if job.closed:
+                return
+            job.state, job.paused_by = "running", None
+            self._record(job)
+            self._report(job, wire.Progress(job_id=job.job_id, phase=job.phase_before_pause, step=job.step,
+                                            total_steps=job.total_steps, message="resumed"))

@@ -10,7 +10,7 @@ time: sidecar/procs.py), so another process can tell whether the owner is gone.
 
 Cleanup rule — at start-up (``recover``), and the history bound again after each job ends:
 
-1. An entry left ``queued`` or ``running`` by a process that is gone becomes ``interrupted``, with
+1. An entry left ``queued``, ``running`` or ``paused`` by a process that is gone becomes ``interrupted``, with
    the newest complete checkpoint found on disk (the disk is the truth: the process may have died
    between a checkpoint's rename and its journal update). If the job's adapter is already in place
    (it died after the final rename), the entry becomes ``completed`` instead.
@@ -48,7 +48,7 @@ FORMAT = "lora-sidecar.job/1"
 HISTORY_ENV = "LORA_SIDECAR_JOB_HISTORY"
 DEFAULT_HISTORY = 50
 RECENT_FINISHED = 20
-ACTIVE = ("queued", "running")
+ACTIVE = ("queued", "running", "paused")  # paused: held by `pause`, queued or at a pause point
 _TEMP = re.compile(r"\.(tmp|old)-(\d+)$")
 
 
@@ -89,6 +89,7 @@ class Journal:
                 "error": job.error, "adapterPath": job.adapter_path,
                 "lastCheckpoint": wire.to_builtins(job.last_checkpoint or self._last_on_disk(job)),
                 "outputPath": getattr(job.params, "output_path", None), "owner": self.owner,
+                "priority": job.priority, "threads": job.threads, "pausedBy": job.paused_by,
                 "updatedAt": time.time(),
             }
             with self._lock:
@@ -156,7 +157,7 @@ class Journal:
     def info(entry: dict[str, Any]) -> wire.JobInfo:
         fields = {k: entry.get(k) for k in ("jobId", "kind", "state", "phase", "baseModel", "step", "totalSteps",
                                             "submittedAt", "startedAt", "finishedAt", "error", "adapterPath",
-                                            "lastCheckpoint")}
+                                            "lastCheckpoint", "priority", "threads", "pausedBy")}
         return msgspec.convert({k: v for k, v in fields.items() if v is not None}, wire.JobInfo)
 
     def recent(self, live: list[wire.JobInfo], limit: int = RECENT_FINISHED) -> list[wire.JobInfo]:

@@ -16,7 +16,9 @@ from ..app import App
 from ..housekeeping import claim_for_output
 from ..jobs import Job, Report, ShouldStop
 from ..rpc import Request, method
+from ..training import priority, yielding
 from ..training.checks import check_request
+from ..training.pause import PauseGate
 
 
 def train_defaults() -> wire.Defaults:
@@ -32,14 +34,20 @@ def run_train(app: App, job: Job, report: Report,
     if p.distributed is not None:
         result = app.supervisor.train(p, job_id=job.job_id, report=report, should_stop=should_stop,
                                       received_at=job.received_at)
+    elif p.priority == "background" and isinstance(should_stop, PauseGate):
+        # In a process of its own at the lowest priority (training/priority.py says why a process).
+        result = app.background.train(p, job_id=job.job_id, report=report, gate=should_stop,
+                                      received_at=job.received_at)
     else:
         from ..training import train
 
         # Training never sees a resident adapter: their layers come off every base (they go back on
         # at their next use), so the job trains on the bare base exactly as on a fresh sidecar.
         app.stack.strip()
-        result = train(p, job_id=job.job_id, models=app.models, report=report, should_stop=should_stop,
-                       received_at=job.received_at)
+        gate = should_stop if isinstance(should_stop, PauseGate) else PauseGate()
+        with priority.job_threads(p.threads), yielding.monitor(p.yield_, gate):
+            result = train(p, job_id=job.job_id, models=app.models, report=report, should_stop=should_stop,
+                           received_at=job.received_at)
     if p.export:
         result = _exports(app, p, result)
     if p.load:
@@ -52,11 +60,34 @@ def train(app: App, request: Request, p: wire.TrainParams) -> Any:
     # Every request check, before the job is queued or journaled; the raw params say which fields the
     # client gave (a resume takes those over the stored ones).
     p = check_request(p, raw=request.raw)
+    p = _check_priority(p)
     job = app.queue(request, p, base_model=p.base_model, job_id=p.job_id, progress_interval=p.progress_interval)
     if app.claims is not None:  # so that a crash while saving is cleaned up at the next start
         key = app.claims.add(*claim_for_output(p.output_path))
         job.future.add_done_callback(lambda _, key=key: app.claims.release(key))
     return job.future
+
+
+def _check_priority(p: wire.TrainParams) -> wire.TrainParams:
+    """The priority filled in (``LORA_SIDECAR_PRIORITY``, else normal), and what cannot go with it."""
+    default = "normal" if p.distributed is not None else priority.default_priority()
+    p = msgspec.structs.replace(p, priority=p.priority or default)
+    if p.distributed is not None and (p.priority == "background" or p.yield_ is not None):
+        field = "priority" if p.priority == "background" else "yield"
+        raise errors.Unsupported(f"{field} is not supported for distributed jobs (their worker processes run at "
+                                 "normal priority); run the job without `distributed`", field=f"$.{field}")
+    return p
+
+
+@method("pause")
+def pause(app: App, request: Request, p: wire.PauseParams) -> Any:
+    """Held in the queue at once, or parked at the job's next pause point (the answer comes then)."""
+    return app.jobs.pause(p.job_id, release=p.release)
+
+
+@method("resume")
+def resume(app: App, request: Request, p: wire.ResumeParams) -> wire.ResumeResult:
+    return app.jobs.resume(p.job_id)
 
 
 def _exports(app: App, p: wire.TrainParams, result: wire.TrainResult) -> wire.TrainResult:

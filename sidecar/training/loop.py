@@ -20,6 +20,7 @@ import torch
 from .. import data, errors, wire
 from .checkpointer import Checkpointer
 from .loss import evaluate
+from .pause import PauseGate
 from .schedule import lr_multiplier
 from .state import Model, RunState, StopSignal, TrainData
 from .world import World
@@ -32,6 +33,8 @@ def train_loop(params: wire.TrainParams, d: TrainData, model: Model, optimizer: 
     resumes straight into saving."""
     if ckpt.stopped_early or run.step >= d.total_steps:
         return
+    if isinstance(stop.should_stop, PauseGate):  # pause {release}: checkpoint the last whole step first
+        stop.should_stop.release_hook = lambda: _release_checkpoint(ckpt, run)
     accumulation = params.gradient_accumulation
     start_epoch, start_group = run.next_epoch, run.next_group
     for epoch in range(start_epoch, d.epochs):
@@ -64,6 +67,19 @@ def train_loop(params: wire.TrainParams, d: TrainData, model: Model, optimizer: 
             ckpt.after_step(improved=improved, finished=finished)
             if ckpt.stopped_early or finished:
                 return
+
+
+def _release_checkpoint(ckpt: Checkpointer, run: RunState) -> Any:
+    """A pause with ``release`` inside a step: checkpoint the step before it (as a cancel does; the
+    weights and optimizer are that step's until this one ends); None when checkpoints are off or it is
+    checkpointed already. The step then goes on from its accumulated gradients."""
+    if not (ckpt.cadence.enabled and ckpt.in_step and ckpt.boundary is not None):
+        return None
+    scalars, rng = ckpt.boundary
+    if scalars["step"] <= ckpt.last_step:
+        return None
+    run.set_scalars(scalars)
+    return ckpt.save(rng)
 
 
 def _forward_backward(group: list[list[int]], d: TrainData, model: Model, world: World, run: RunState,

@@ -29,8 +29,9 @@ from .generate import AdapterRef, Answer, GenerateParams, GenerateResult, Prompt
 from .system import (CancelParams, CancelRequestParams, CancelResult, Defaults, DeviceInfo, ErrorObject, ExitParams,
                      JobInfo, JobState, Limits, ModelCheck, Quantization, ShutdownParams, ShutdownResult,
                      StatusParams, StatusResult, SupportsParams, SupportsResult, train_defaults)
-from .train import (CheckpointRef, Dataset, Distributed, EarlyStopping, Example, Message, Phase, Progress,
-                    TrainExport, TrainMetrics, TrainParams, TrainResult)
+from .train import (CheckpointRef, Dataset, Distributed, EarlyStopping, Example, Message, PauseParams, PauseResult,
+                    Phase, Priority, Progress, ResumeParams, ResumeResult, TrainExport, TrainMetrics, TrainParams,
+                    TrainResult, YieldPolicy)
 
 METHODS: dict[str, tuple[type, type]] = {
     "supports": (SupportsParams, SupportsResult),
@@ -44,6 +45,8 @@ METHODS: dict[str, tuple[type, type]] = {
     "adapters/unload": (AdaptersUnloadParams, AdaptersUnloadResult),
     "adapters/list": (AdaptersListParams, AdaptersListResult),
     "adapters/compose": (AdaptersComposeParams, AdaptersComposeResult),
+    "pause": (PauseParams, PauseResult),
+    "resume": (ResumeParams, ResumeResult),
 }
 """Request methods: name → (params type, result type). The one list of method names."""
 

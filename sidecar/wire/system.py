@@ -9,7 +9,7 @@ import msgspec
 
 from .adapters import AdaptersListResult
 from .base import JobId, ModelName, RequestId, Wire
-from .train import CheckpointRef, Phase, TrainParams
+from .train import CheckpointRef, Phase, Priority, TrainParams
 
 # ---------------------------------------------------------------------------------------------
 # cancel / status
@@ -19,8 +19,9 @@ class CancelParams(Wire, kw_only=True):
     job_id: JobId
 
 
-JobState = Literal["queued", "running", "completed", "failed", "cancelled", "interrupted"]
-"""``interrupted``: stopped by the process ending (crash, kill, shutdown, signal), not by ``cancel``;
+JobState = Literal["queued", "running", "paused", "completed", "failed", "cancelled", "interrupted"]
+"""``paused``: held by ``pause`` (or by ``yield``), in the queue or at a pause point of its run.
+``interrupted``: stopped by the process ending (crash, kill, shutdown, signal), not by ``cancel``;
 resumable with ``train {resumeFrom: jobId}``."""
 
 
@@ -45,6 +46,9 @@ class JobInfo(Wire, kw_only=True):
     error: Optional[str] = None
     adapter_path: Optional[str] = None
     last_checkpoint: Optional[CheckpointRef] = None
+    priority: Optional[Priority] = None
+    threads: Optional[int] = None
+    paused_by: Optional[Literal["client", "busy"]] = None
 
 
 class StatusParams(Wire, kw_only=True):
@@ -131,6 +135,9 @@ class SupportsResult(Wire, kw_only=True):
     busy: bool = False
     queue_length: int = 0
     model: Optional[ModelCheck] = None
+    export_architectures: list[str] = []
+    """transformers model types ``adapters/export`` writes ``gguf-lora``/``merged-gguf`` for (``merged``
+    works for any); their image-text checkpoints (Qwen3.5, Gemma 3) export their text model."""
 
 
 def train_defaults() -> Defaults:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Optional
 
+import msgspec
 from msgspec import Meta
 
 from .adapters import ExportFormat, ExportResult, OutType
@@ -13,8 +14,9 @@ from .base import (Fraction, JobId, ModelName, Name, NonNegInt, OutputPath, Path
 
 Phase = Literal[
     "queued", "loading", "preparing", "training", "evaluating", "saving", "completed", "failed", "cancelled",
-    "interrupted",
+    "interrupted", "paused",
 ]
+Priority = Literal["normal", "background"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,6 +76,20 @@ class Distributed(Wire, kw_only=True):
     sharded over the processes (FSDP2 ``fully_shard``), for models that do not fit one device."""
     backend: Optional[Literal["gloo", "nccl"]] = None
     """torch.distributed backend; default nccl on CUDA, gloo on CPU."""
+
+
+class YieldPolicy(Wire, kw_only=True):
+    """``train {yield}``: pause the job on its own while the rest of the machine keeps every core busy
+    (training/yielding.py; the rule and its numbers are in docs/PROTOCOL.md)."""
+
+    when_busy: bool = True
+    busy_fraction: Annotated[float, Meta(ge=0.5, le=1.0)] = 0.9
+    """Busy: the other processes use at least this share of every core. Idle (resume): at least this
+    share of one core is unused."""
+    window_seconds: Annotated[float, Meta(ge=0.1, le=60)] = 0.5
+    """The machine must be busy this long (every sample) before the job pauses."""
+    hold_seconds: Annotated[float, Meta(ge=0.1, le=600)] = 1.0
+    """A core must be idle this long (every sample) before the job resumes."""
 
 
 class TrainExport(Wire, kw_only=True):
@@ -175,6 +191,16 @@ class TrainParams(placed(_TrainSetup), kw_only=True):
     """Also evaluate every N optimizer steps (default: at epoch ends, at most about 10 times, and at the end)."""
     distributed: Optional[Distributed] = None
     """Run the job on a worker group of several processes (docs/SCALING.md); None: in the sidecar."""
+    priority: Optional[Priority] = None
+    """``background``: the job runs in a process of its own at the lowest CPU and I/O priority the OS
+    gives without privileges (Linux SCHED_IDLE + idle I/O class, macOS PRIO_DARWIN_BG, elsewhere nice
+    19), its threads waiting passively; ``normal``: in the sidecar, all cores. Default:
+    ``LORA_SIDECAR_PRIORITY``, else ``normal`` (filled in at the door: status, progress and the
+    manifest show the value used)."""
+    threads: Optional[Annotated[int, Meta(ge=1, le=1024)]] = None
+    """At most this many compute threads for the job (default: one per core)."""
+    yield_: Optional[YieldPolicy] = msgspec.field(default=None, name="yield")
+    """Pause by itself while the machine is busy, resume when a core is idle (see YieldPolicy)."""
 
 
 class TrainMetrics(Wire, kw_only=True):
@@ -236,3 +262,42 @@ class Progress(Wire, kw_only=True):
     message: Optional[str] = None
     checkpoint: Optional[CheckpointRef] = None
     """Set on the notification sent when a checkpoint has been written."""
+    priority: Optional[Priority] = None
+    threads: Optional[int] = None
+    """The job's priority and compute-thread cap (null: one thread per core)."""
+    paused_by: Optional[Literal["client", "busy"]] = None
+    """With phase ``paused``: ``client`` (a ``pause`` request) or ``busy`` (``yield``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# pause / resume
+# ---------------------------------------------------------------------------------------------
+
+class PauseParams(Wire, kw_only=True):
+    job_id: JobId
+    release: bool = False
+    """Also write a checkpoint (of the last whole step, when the job keeps checkpoints) and free what
+    can be freed: the GPU allocator's cache, freed CPU memory returned to the OS."""
+
+
+class PauseResult(Wire, kw_only=True):
+    job_id: str
+    state: Literal["paused", "running"]
+    """``paused``: the job is parked (a queued job stays queued, held); ``running``: a ``resume``
+    arrived before the job reached its pause point, so it never paused."""
+    step: int = 0
+    """Optimizer steps completed when it parked."""
+    released: bool = False
+    checkpoint: Optional[CheckpointRef] = None
+    """With ``release``: the checkpoint written (null when the job keeps none)."""
+
+
+class ResumeParams(Wire, kw_only=True):
+    job_id: JobId
+
+
+class ResumeResult(Wire, kw_only=True):
+    job_id: str
+    state: Literal["running", "queued", "paused"]
+    """``paused``: ``yield`` still holds it (the machine is busy); it resumes when a core is idle."""
+    step: int = 0

@@ -33,7 +33,9 @@ import type {
   GenerateResult,
   JobInfo,
   Methods,
+  PauseResult,
   Progress,
+  ResumeResult,
   ShutdownResult,
   StatusResult,
   SupportsParams,
@@ -223,6 +225,21 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
 
   cancel(jobId: string, options?: CallOptions): Promise<CancelResult> {
     return this.request("cancel", { jobId }, options);
+  }
+
+  /**
+   * Pause a train job: a queued one is held in the queue (answers at once), a running one parks at
+   * its next micro-batch boundary and answers then (`{state: "paused", step}`), using no CPU until
+   * `resume`. `release: true` first checkpoints the last whole step and frees what memory it can.
+   * Unknown job: -32050 (`ErrorCodes.JobNotFound`); ended job: -32051 (`ErrorCodes.JobNotActive`).
+   */
+  pause(jobId: string, opts: { release?: boolean } = {}, options?: CallOptions): Promise<PauseResult> {
+    return this.request("pause", { jobId, ...opts }, options);
+  }
+
+  /** Continue a paused job where it stopped (`{state: "running" | "queued" | "paused"}`). */
+  resume(jobId: string, options?: CallOptions): Promise<ResumeResult> {
+    return this.request("resume", { jobId }, options);
   }
 
   generate(params: GenerateParams, options?: CallOptions): Promise<GenerateResult> {

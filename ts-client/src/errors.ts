@@ -43,6 +43,9 @@ export const ErrorCodes = {
   AdapterMismatch: -32038,
   WorkerDied: -32045,
   WorkerStartFailed: -32046,
+  JobNotFound: -32050,
+  JobNotActive: -32051,
+  BackgroundProcessDied: -32052,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

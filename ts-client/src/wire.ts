@@ -425,8 +425,8 @@ export interface JobInfo {
   jobId: string;
   /** @default "train" */
   kind: "adapters/compose" | "adapters/load" | "adapters/unload" | "export" | "generate" | "train";
-  state: "cancelled" | "completed" | "failed" | "interrupted" | "queued" | "running";
-  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "preparing" | "queued" | "saving" | "training" | null;
+  state: "cancelled" | "completed" | "failed" | "interrupted" | "paused" | "queued" | "running";
+  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "paused" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
   /**
    * Constraints: an integer.
@@ -444,6 +444,10 @@ export interface JobInfo {
   error: string | null;
   adapterPath: string | null;
   lastCheckpoint: CheckpointRef | null;
+  priority: "background" | "normal" | null;
+  /** Constraints: an integer. */
+  threads: number | null;
+  pausedBy: "busy" | "client" | null;
 }
 
 export interface Limits {
@@ -477,10 +481,33 @@ export interface ModelCheck {
   error: string | null;
 }
 
+export interface PauseParams {
+  /**
+   * A job id: 1-64 characters, no control characters.
+   * Constraints: length >= 1, length <= 64.
+   */
+  jobId: string;
+  /** @default false */
+  release?: boolean;
+}
+
+export interface PauseResult {
+  jobId: string;
+  state: "paused" | "running";
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  step: number;
+  /** @default false */
+  released: boolean;
+  checkpoint: CheckpointRef | null;
+}
+
 /** Params of the `progress` notification. */
 export interface Progress {
   jobId: string;
-  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "preparing" | "queued" | "saving" | "training";
+  phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "paused" | "preparing" | "queued" | "saving" | "training";
   /**
    * Constraints: an integer.
    * @default 0
@@ -502,6 +529,10 @@ export interface Progress {
   validationLoss: number | null;
   message: string | null;
   checkpoint: CheckpointRef | null;
+  priority: "background" | "normal" | null;
+  /** Constraints: an integer. */
+  threads: number | null;
+  pausedBy: "busy" | "client" | null;
 }
 
 /** One conversation of an exam; `id` is echoed in its answers. */
@@ -515,6 +546,24 @@ export interface Quantization {
   fourBit: boolean;
   eightBit: boolean;
   reason: string | null;
+}
+
+export interface ResumeParams {
+  /**
+   * A job id: 1-64 characters, no control characters.
+   * Constraints: length >= 1, length <= 64.
+   */
+  jobId: string;
+}
+
+export interface ResumeResult {
+  jobId: string;
+  state: "paused" | "queued" | "running";
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  step: number;
 }
 
 export interface ShutdownParams {
@@ -755,6 +804,10 @@ export interface TrainParams {
   /** Constraints: an integer, > 0. */
   evalEvery?: number | null;
   distributed?: Distributed | null;
+  priority?: "background" | "normal" | null;
+  /** Constraints: an integer, >= 1, <= 1024. */
+  threads?: number | null;
+  yield?: YieldPolicy | null;
 }
 
 export interface TrainResult {
@@ -781,6 +834,30 @@ export interface Variant {
   adapters?: AdapterRef[];
 }
 
+/**
+ * `train {yield}`: pause the job on its own while the rest of the machine keeps every core busy
+ * (training/yielding.py; the rule and its numbers are in docs/PROTOCOL.md).
+ */
+export interface YieldPolicy {
+  /** @default true */
+  whenBusy?: boolean;
+  /**
+   * Constraints: >= 0.5, <= 1.
+   * @default 0.9
+   */
+  busyFraction?: number;
+  /**
+   * Constraints: >= 0.1, <= 60.
+   * @default 0.5
+   */
+  windowSeconds?: number;
+  /**
+   * Constraints: >= 0.1, <= 600.
+   * @default 1
+   */
+  holdSeconds?: number;
+}
+
 /** Every request method: its params and result types. */
 export interface Methods {
   supports: { params: SupportsParams; result: SupportsResult };
@@ -794,6 +871,8 @@ export interface Methods {
   "adapters/unload": { params: AdaptersUnloadParams; result: AdaptersUnloadResult };
   "adapters/list": { params: AdaptersListParams; result: AdaptersListResult };
   "adapters/compose": { params: AdaptersComposeParams; result: AdaptersComposeResult };
+  pause: { params: PauseParams; result: PauseResult };
+  resume: { params: ResumeParams; result: ResumeResult };
 }
 
 /** Every notification the sidecar sends: its params type. */
@@ -801,6 +880,6 @@ export interface Notifications {
   progress: Progress;
 }
 
-export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown","adapters/load","adapters/unload","adapters/list","adapters/compose"] as const;
+export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown","adapters/load","adapters/unload","adapters/list","adapters/compose","pause","resume"] as const;
 
 export const NOTIFICATION_NAMES = ["progress"] as const;
