@@ -6,6 +6,8 @@ list of answers on stdout's last line:
     {"model": PATH, "lora": PATH|null, "loraScale": 1.0, "ids": [...], "f32Cache": false}
         → {"logprobs": [...]}: teacher-forced log-probability of ids[i+1] after ids[:i+1]
           (``f32Cache``: keep the KV cache in float32 instead of llama.cpp's default f16)
+    {"model": PATH, "loras": [[PATH, SCALE], ...], "ids": [...]}
+        → the same, with several LoRA adapters applied at once (``llama_set_adapters_lora``)
     {"model": PATH, "lora": PATH|null, "chat": QUESTION, "maxTokens": 24}
         → {"text": ...}: greedy chat completion with the model file's own chat template
 
@@ -145,6 +147,8 @@ def run(job: dict) -> dict:
     llm = Llama(job["model"], n_ctx=max(512, len(ids) + 8), logits_all=bool(ids), verbose=False, seed=0,
                 n_threads=min(2, os.cpu_count() or 1), **kwargs)
     try:
+        if job.get("loras"):
+            _set_adapters(llm, job["loras"])
         if ids:
             llm.eval(ids)
             logits = np.array(llm.scores[:len(ids)], dtype=np.float64)
@@ -155,6 +159,24 @@ def run(job: dict) -> dict:
         return {"text": out["choices"][0]["message"]["content"]}
     finally:
         llm.close()
+
+
+def _set_adapters(llm, loras: list) -> None:
+    """Apply several LoRA files with their scales at once (freed with the model)."""
+    import ctypes
+
+    import llama_cpp
+
+    handles = []
+    for path, _ in loras:
+        handle = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode("utf-8"))
+        if handle is None:
+            raise RuntimeError(f"llama.cpp could not load the LoRA {path}")
+        handles.append(handle)
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * len(handles))(*handles)
+    scales = (ctypes.c_float * len(loras))(*[float(scale) for _, scale in loras])
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, len(handles), scales):
+        raise RuntimeError("llama_set_adapters_lora failed")
 
 
 def main(argv: list[str]) -> int:

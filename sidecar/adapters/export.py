@@ -104,14 +104,7 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
 def _gguf_layout(source: AdapterSource, base: BaseModel, config: dict[str, Any], fmt: str) -> Any:
     """The GGUF tensor layout of the base, with every adapted module named in it (else ExportRefused)."""
     layout = layout_for(config, base.gguf_path, fmt)
-    targets = {}
-    for pair in source.pairs:
-        name = layout.tensor_name(pair.module)
-        if name is None:
-            raise errors.ExportRefused(
-                f"Cannot export to {fmt}: gguf's {layout.arch} tensor map has no name for the adapted module "
-                f"{pair.module}. Export 'merged' instead.", format=fmt, reason="unmapped", module=pair.module)
-        targets[name] = (pair.module, int(pair.b.shape[0]), int(pair.a.shape[1]))
+    targets = preflight.check_modules(source, layout, fmt)
     if base.gguf_path is not None:
         # The converted checkpoint of a .gguf base lets the q/k row order be checked on real weights.
         checkpoint = base.hf_path if base.hf_gguf_file is None else None

@@ -1,37 +1,28 @@
-"""Where a transformers weight lives in a GGUF model, and in which row order.
+"""Where a transformers weight lives in a GGUF model, and in which row and column order.
 
 llama.cpp's converter (convert_hf_to_gguf.py) renames every tensor with gguf's own tables
-(``gguf.get_tensor_name_map``) and, for the Llama family, permutes the rows of ``q_proj`` and
-``k_proj`` per head (its rotary embedding pairs neighbouring rows, transformers' pairs the two
-halves). Anything added to those weights — a LoRA's ``B`` (its rows are output rows) or a merged
-delta — must be permuted the same way; ``A`` (input columns) never is.
+(``gguf.get_tensor_name_map``) and, for some architectures, reorders a weight's rows or columns
+(``gguf_arch`` holds the rules per architecture: the Llama q/k row permutation, Qwen3.5's value-head
+reordering). Anything added to those weights — a LoRA's ``B`` (its rows are output rows), its ``A``
+(its columns are input columns), or a merged delta — is reordered the same way.
 
 ``check_against_base`` verifies the layout on the real base file: every tensor exists with the
-expected shape, and a dequantized ``attn_q``/``attn_k`` from the GGUF matches the checkpoint's
-weight in the row order this module assumes.
+expected shape, and for each reordered kind of tensor a dequantized one from the GGUF matches the
+checkpoint's weight in the order this module assumes.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from .. import errors
+from .gguf_arch import (EXPORTABLE, LANGUAGE_MODEL_PREFIXES, RULES, ArchRule, Order, permute_index, tensor_kind,
+                        text_module)
 
-ARCHITECTURES: dict[str, tuple[str, bool]] = {
-    # transformers model_type: (GGUF architecture, q/k rows permuted by llama.cpp's converter)
-    "llama": ("llama", True),     # verified by the round-trip tests against llama.cpp
-    "mistral": ("llama", True),   # converted by llama.cpp's LlamaModel class, like llama
-    "qwen2": ("qwen2", False),    # NEOX-style rotary: rows kept as they are
-    "qwen3": ("qwen3", False),
-}
-"""Architectures this exporter writes. With a GGUF base file the row order is also checked on the
-file itself (``check_against_base``), so a wrong entry fails the export instead of producing a
-wrong adapter."""
-
-SUPPORTED = ", ".join(sorted(ARCHITECTURES))
+SUPPORTED = ", ".join(EXPORTABLE)
 
 
 @dataclass(frozen=True)
@@ -41,29 +32,46 @@ class GgufLayout:
     n_blocks: int
     n_head: int
     n_head_kv: int
-    permute_qk: bool
+    rule: ArchRule
     name_map: Any
+    orders: dict[str, Order] = field(default_factory=dict)
+    """Tensor kind → (row index, column index) into the transformers weight; see ``gguf_arch``."""
 
     def tensor_name(self, module: str) -> Optional[str]:
-        """``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q.weight``; None when unmapped."""
-        return self.name_map.get_name(module + ".weight", try_suffixes=(".weight",))
+        """``model.layers.0.self_attn.q_proj`` → ``blk.0.attn_q.weight``; None when unmapped. The
+        text model of an image-text checkpoint (``model.language_model.…``) maps like a text model."""
+        return self.name_map.get_name(text_module(module) + ".weight", try_suffixes=(".weight",))
 
-    def heads_of(self, gguf_name: str) -> Optional[int]:
-        """Head count whose row permutation applies to ``gguf_name``; None when rows stay put."""
-        if not self.permute_qk:
-            return None
-        kind = gguf_name.rsplit(".", 2)[-2] if gguf_name.count(".") >= 2 else ""
-        return {"attn_q": self.n_head, "attn_k": self.n_head_kv}.get(kind)
+    def holds_lora(self, gguf_name: str) -> bool:
+        """Whether llama.cpp adds a LoRA to this tensor (multiplies it through ``build_lora_mm``)."""
+        return tensor_kind(gguf_name) in self.rule.lora_kinds
+
+    def order(self, gguf_name: str) -> Order:
+        return self.orders.get(tensor_kind(gguf_name), (None, None))
+
+    def reorders(self, gguf_name: str) -> bool:
+        return any(index is not None for index in self.order(gguf_name))
+
+    def factors_to_gguf(self, gguf_name: str, a: Any, b: Any) -> tuple[Any, Any]:
+        """A LoRA's (A, B) for the GGUF tensor: B's rows and A's columns in the file's order."""
+        rows, cols = self.order(gguf_name)
+        return (a if cols is None else a[:, cols]), (b if rows is None else b[rows])
+
+    def delta_to_gguf(self, gguf_name: str, delta: Any) -> Any:
+        """A full (out, in) weight or delta in the GGUF file's row and column order."""
+        rows, cols = self.order(gguf_name)
+        delta = delta if rows is None else delta[rows]
+        return delta if cols is None else delta[:, cols]
 
     def rows_to_gguf(self, gguf_name: str, rows: Any) -> Any:
-        """Reorder the output rows of a (out, …) array into the GGUF file's order."""
-        heads = self.heads_of(gguf_name)
-        return rows if heads is None else permute_rows(rows, heads)
+        """Reorder the output rows of a (out, …) array into the GGUF file's order (no column order)."""
+        index = self.order(gguf_name)[0]
+        return rows if index is None else rows[index]
 
 
 def permute_rows(w: Any, n_head: int) -> Any:
     """llama.cpp's Llama q/k row permutation (convert_hf_to_gguf.py, LlamaModel.permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w[permute_index(w.shape[0], n_head)]
 
 
 def read_config(base: Any) -> dict[str, Any]:
@@ -95,7 +103,7 @@ def layout_for(config: dict[str, Any], base_gguf: Optional[Path], fmt: str) -> G
 
     model_type = str(config.get("model_type") or "unknown")
     by_name = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
-    if model_type not in ARCHITECTURES:
+    if model_type not in RULES:
         # transformers and gguf spell some names differently (gpt_neox / gptneox)
         known = any(n in by_name for n in (model_type, model_type.replace("_", "-"), model_type.replace("_", "")))
         why = ("gguf has a tensor map for it, but its GGUF layout (row order, fused tensors) is not one this "
@@ -105,16 +113,16 @@ def layout_for(config: dict[str, Any], base_gguf: Optional[Path], fmt: str) -> G
             f"{SUPPORTED}). Export format 'merged' instead (a transformers checkpoint works for any "
             "architecture) and convert it with llama.cpp's convert_hf_to_gguf.py if you need GGUF.",
             format=fmt, reason="architecture", modelType=model_type)
-    arch, permute_qk = ARCHITECTURES[model_type]
-    if base_gguf is not None:
-        arch = gguf_architecture(base_gguf)
+    rule = RULES[model_type]
+    arch = rule.gguf_arch if base_gguf is None else gguf_architecture(base_gguf)
     if arch not in by_name:
         raise errors.ExportRefused(f"Cannot export to {fmt}: gguf has no tensor map for architecture {arch!r}",
                                    format=fmt, reason="architecture", modelType=model_type)
     n_blocks = int(config["num_hidden_layers"])
     n_head = int(config["num_attention_heads"])
     n_head_kv = int(config.get("num_key_value_heads") or n_head)
-    return GgufLayout(arch=arch, n_blocks=n_blocks, n_head=n_head, n_head_kv=n_head_kv, permute_qk=permute_qk,
+    return GgufLayout(arch=arch, n_blocks=n_blocks, n_head=n_head, n_head_kv=n_head_kv, rule=rule,
+                      orders=rule.orders(config),
                       name_map=gguf.get_tensor_name_map(by_name[arch], n_blocks))
 
 
@@ -133,7 +141,8 @@ def gguf_architecture(path: Path) -> str:
 def check_against_base(layout: GgufLayout, targets: dict[str, tuple[str, int, int]], base_gguf: Path,
                        hf_dir: Optional[str], fmt: str) -> None:
     """Check the mapped tensors against the base file: each exists with shape (out, in), and the
-    q/k row order assumed here reproduces the file's tensors from the checkpoint's weights.
+    row/column order assumed here (one tensor of each reordered kind, and q/k always) reproduces the
+    file's tensors from the checkpoint's weights.
 
     ``targets``: GGUF tensor name → (module, out_features, in_features) of the module adapted there.
     """
@@ -155,39 +164,57 @@ def check_against_base(layout: GgufLayout, targets: dict[str, tuple[str, int, in
                 reason="base-mismatch", tensor=name)
     if hf_dir is None:
         return
-    for kind in ("attn_q", "attn_k"):
-        name = next((n for n in targets if f".{kind}." in n), None)
-        if name is not None:
-            reference = _read_checkpoint_tensor(Path(hf_dir), targets[name][0] + ".weight")
-            if reference is not None:  # without a safetensors checkpoint the table's rule stands
-                _check_row_order(layout, name, header.tensor_data(name), reference, fmt)
+    checked: set[str] = set()
+    for name, (module, _, _) in targets.items():
+        kind = tensor_kind(name)
+        if kind in checked or (not layout.reorders(name) and kind not in ("attn_q", "attn_k")):
+            continue
+        checked.add(kind)
+        reference = _read_checkpoint_tensor(Path(hf_dir), module)
+        if reference is not None:  # without a safetensors checkpoint the table's rule stands
+            _check_order(layout, name, header.tensor_data(name), reference, fmt)
 
 
-def _check_row_order(layout: GgufLayout, gguf_name: str, stored: Any, reference: Any, fmt: str) -> None:
+def _check_order(layout: GgufLayout, gguf_name: str, stored: Any, reference: Any, fmt: str) -> None:
+    """The file's tensor is the checkpoint's weight in the order assumed here, not in the other one:
+    as it is for a reordered tensor, or llama's q/k permutation for a tensor kept as it is."""
     import numpy as np
 
-    heads = layout.n_head if ".attn_q." in gguf_name else layout.n_head_kv
-    assumed = layout.rows_to_gguf(gguf_name, reference)
-    other = permute_rows(reference, heads) if layout.heads_of(gguf_name) is None else reference
+    assumed = layout.delta_to_gguf(gguf_name, reference)
+    rows, cols = layout.order(gguf_name)
+    if layout.reorders(gguf_name):
+        other = reference
+        # compare where the order moves something (a quantized file's rounding stays small there)
+        moved_rows = slice(None) if rows is None else rows != np.arange(len(rows))
+        moved_cols = slice(None) if cols is None else cols != np.arange(len(cols))
+        stored, assumed, other = (x[moved_rows][:, moved_cols] for x in (stored, assumed, other))
+    else:
+        other = permute_rows(reference, layout.n_head if tensor_kind(gguf_name) == "attn_q" else layout.n_head_kv)
     err_assumed = float(np.abs(stored - assumed).mean())
     err_other = float(np.abs(stored - other).mean())
     # The file holds a quantization of the same weights: in the right order they differ by
     # rounding only, in the wrong one by about the weights' own size.
     if err_assumed > 0.25 * err_other:
         raise errors.ExportRefused(
-            f"Cannot export to {fmt}: the rows of {gguf_name} in the base file are not in the order this exporter "
-            f"assumes for architecture {layout.arch!r} (mean error {err_assumed:.3g}, against {err_other:.3g} in "
-            "the other order): the GGUF file and the checkpoint disagree. Export 'merged' instead.",
-            format=fmt, reason="layout", tensor=gguf_name)
+            f"Cannot export to {fmt}: the rows or columns of {gguf_name} in the base file are not in the order this "
+            f"exporter assumes for architecture {layout.arch!r} (mean error {err_assumed:.3g}, against "
+            f"{err_other:.3g} in the other order): the GGUF file and the checkpoint disagree. Export 'merged' "
+            "instead.", format=fmt, reason="layout", tensor=gguf_name)
 
 
-def _read_checkpoint_tensor(hf_dir: Path, key: str) -> Any:
+def _read_checkpoint_tensor(hf_dir: Path, module: str) -> Any:
+    """The checkpoint's weight of ``module`` (as named in the adapter, or under the text model of an
+    image-text checkpoint); None when no safetensors file holds it."""
     from safetensors import safe_open
 
+    plain = text_module(module)
+    keys = [module + ".weight"] + [p + plain.removeprefix("model.") + ".weight" for p in LANGUAGE_MODEL_PREFIXES]
     for file in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            if key in handle.keys():
-                return handle.get_tensor(key).float().numpy()
+            names = set(handle.keys())
+            for key in keys:
+                if key in names:
+                    return handle.get_tensor(key).float().numpy()
     return None
 
 

@@ -13,7 +13,8 @@ What llama.cpp reads (src/llama-adapter.cpp, llama-graph.cpp ``build_lora_mm``):
 PEFT's scale is per module (``rank_pattern``/``alpha_pattern``) and alpha/√r with rsLoRA, so the
 file's alpha is chosen as the config's own scale × rank (plain LoRA: exactly ``lora_alpha``, the
 value llama.cpp's converter writes) and whatever a module's scale differs by is folded into its
-``B``: llama.cpp's ``alpha / rank`` then equals PEFT's scale for every module.
+``B``: llama.cpp's ``alpha / rank`` then equals PEFT's scale for every module. Where llama.cpp's
+converter reorders a weight (``gguf_arch``), B's rows and A's columns follow.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ def write(pairs: Iterable[LoraPair], layout: GgufLayout, path: Path, *, alpha: f
         target = layout.tensor_name(pair.module)
         if target is None:  # preflight maps every module first; this is a programming error
             raise ValueError(f"no GGUF name for {pair.module}")
-        b = layout.rows_to_gguf(target, pair.b * b_factor(pair, alpha))
-        for suffix, array in ((".lora_a", pair.a), (".lora_b", b)):
+        a, b = layout.factors_to_gguf(target, pair.a, pair.b * b_factor(pair, alpha))
+        for suffix, array in ((".lora_a", a), (".lora_b", b)):
             data, kind = encode(array, out_type)
             writer.add_tensor(target + suffix, data, raw_dtype=kind)
         count += 1

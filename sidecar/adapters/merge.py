@@ -159,7 +159,7 @@ def write_merged_gguf(source: AdapterSource, base: BaseModel, layout: GgufLayout
             module.merge(safe_merge=True)
             delta = (weight.detach() - before).numpy()
             stored = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(delta.shape)
-            data, kind = encode(stored + layout.rows_to_gguf(tensor.name, delta), out_type)
+            data, kind = encode(stored + layout.delta_to_gguf(tensor.name, delta), out_type)
             assert kind == kinds[tensor.name]
             writer.write_tensor_data(data)
     finally:

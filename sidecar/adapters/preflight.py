@@ -82,6 +82,11 @@ def _check_gguf(source: AdapterSource, base: BaseModel, fmt: str) -> None:
     if embedding:
         raise _refuse(fmt, "embedding-lora", "the adapter puts LoRA on the token embedding; this exporter writes "
                       "LoRA for linear layers only. Export 'merged' instead.", tensors=embedding[:20])
+    not_linear = sorted({k.split(".lora_")[0] for k in full if ".lora_A." in k or ".lora_B." in k})
+    if not_linear:  # conv LoRA (e.g. Qwen3.5's depthwise conv1d): llama.cpp adds LoRA to matrix products only
+        raise _refuse(fmt, "not-lora-capable", f"the adapter puts LoRA on {', '.join(not_linear[:8])}, which are not "
+                      "linear layers (a convolution); a GGUF LoRA file holds LoRA for matrix products only. Retrain "
+                      "without those modules in targetModules, or export 'merged' instead.", modules=not_linear[:20])
     if full or str(source.config.get("bias", "none")) != "none" or source.config.get("lora_bias"):
         raise _refuse(fmt, "bias", "the adapter trains bias terms or other full tensors "
                       f"({', '.join(full[:6]) or 'bias=' + str(source.config.get('bias'))}), which this GGUF "
@@ -92,6 +97,32 @@ def _check_gguf(source: AdapterSource, base: BaseModel, fmt: str) -> None:
     if source.config.get("alora_invocation_tokens") or source.config.get("target_parameters"):
         raise _refuse(fmt, "variant", "the adapter is an activated LoRA or targets raw parameters; this exporter "
                       "writes plain LoRA only. Export 'merged' instead.")
+
+
+def check_modules(source: AdapterSource, layout: Any, fmt: str) -> dict[str, tuple[str, int, int]]:
+    """Every adapted module's GGUF tensor: name → (module, out_features, in_features). Refuses,
+    naming all of them, modules gguf's table has no tensor for and modules whose tensor llama.cpp
+    cannot add a LoRA to (it is not multiplied through ``build_lora_mm``: a convolution, a norm)."""
+    targets: dict[str, tuple[str, int, int]] = {}
+    unmapped, unheld = [], []
+    for pair in source.pairs:
+        name = layout.tensor_name(pair.module)
+        if name is None:
+            unmapped.append(pair.module)
+        elif not layout.holds_lora(name):
+            unheld.append(f"{pair.module} ({name})")
+        else:
+            targets[name] = (pair.module, int(pair.b.shape[0]), int(pair.a.shape[1]))
+    if unmapped:
+        raise _refuse(fmt, "unmapped", f"gguf's {layout.arch} tensor map has no name for the adapted module(s) "
+                      f"{', '.join(unmapped[:8])}{' …' if len(unmapped) > 8 else ''}. Retrain without them in "
+                      "targetModules, or export 'merged' instead.", module=unmapped[0], modules=unmapped[:20])
+    if unheld:
+        raise _refuse(fmt, "not-lora-capable", f"llama.cpp's {layout.arch} graph does not apply a LoRA to the tensor "
+                      f"of {', '.join(unheld[:8])}{' …' if len(unheld) > 8 else ''} (it is not a plain matrix "
+                      "product there). Retrain without those modules in targetModules, or export 'merged' instead.",
+                      modules=unheld[:20])
+    return targets
 
 
 def default_out_type(fmt: str, base_dtype: Optional[str]) -> str:

@@ -47,7 +47,14 @@ def supports(app: App, request: Request, p: wire.SupportsParams) -> wire.Support
         busy=running is not None,
         queue_length=len(queued),
         model=check,
+        export_architectures=_export_architectures(),
     )
+
+
+def _export_architectures() -> list[str]:
+    from ..adapters.gguf_arch import EXPORTABLE  # no torch, no gguf: a table
+
+    return list(EXPORTABLE)
 
 
 def _dtype_name(dtype: Any) -> str:

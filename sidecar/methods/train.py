@@ -60,23 +60,11 @@ def train(app: App, request: Request, p: wire.TrainParams) -> Any:
     # Every request check, before the job is queued or journaled; the raw params say which fields the
     # client gave (a resume takes those over the stored ones).
     p = check_request(p, raw=request.raw)
-    p = _check_priority(p)
     job = app.queue(request, p, base_model=p.base_model, job_id=p.job_id, progress_interval=p.progress_interval)
     if app.claims is not None:  # so that a crash while saving is cleaned up at the next start
         key = app.claims.add(*claim_for_output(p.output_path))
         job.future.add_done_callback(lambda _, key=key: app.claims.release(key))
     return job.future
-
-
-def _check_priority(p: wire.TrainParams) -> wire.TrainParams:
-    """The priority filled in (``LORA_SIDECAR_PRIORITY``, else normal), and what cannot go with it."""
-    default = "normal" if p.distributed is not None else priority.default_priority()
-    p = msgspec.structs.replace(p, priority=p.priority or default)
-    if p.distributed is not None and (p.priority == "background" or p.yield_ is not None):
-        field = "priority" if p.priority == "background" else "yield"
-        raise errors.Unsupported(f"{field} is not supported for distributed jobs (their worker processes run at "
-                                 "normal priority); run the job without `distributed`", field=f"$.{field}")
-    return p
 
 
 @method("pause")

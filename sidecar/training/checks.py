@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .. import data, errors, wire
-from . import resume
+from . import priority, resume
 
 
 def check_request(params: wire.TrainParams, raw: Optional[dict[str, Any]] = None) -> wire.TrainParams:
@@ -26,6 +26,7 @@ def check_request(params: wire.TrainParams, raw: Optional[dict[str, Any]] = None
     AdapterNotFound, AdapterMismatch.
     """
     params = resume.prepare_request(raw, params)
+    params = check_priority(params)
     data.check_sources(params)
     if params.distributed is not None:
         check_distributed(params, params.distributed.strategy)
@@ -38,6 +39,19 @@ def check_request(params: wire.TrainParams, raw: Optional[dict[str, Any]] = None
         raise errors.InvalidParams("earlyStopping needs validation data: validationDataset, validationPath or "
                                    "validationSplit", field="earlyStopping")
     return params
+
+
+def check_priority(p: wire.TrainParams) -> wire.TrainParams:
+    """The priority filled in (``LORA_SIDECAR_PRIORITY``, else normal), and what cannot go with it."""
+    import msgspec
+
+    default = "normal" if p.distributed is not None else priority.default_priority()
+    p = msgspec.structs.replace(p, priority=p.priority or default)
+    if p.distributed is not None and (p.priority == "background" or p.yield_ is not None):
+        field = "priority" if p.priority == "background" else "yield"
+        raise errors.Unsupported(f"{field} is not supported for distributed jobs (their worker processes run at "
+                                 "normal priority); run the job without `distributed`", field=f"$.{field}")
+    return p
 
 
 def check_distributed(params: wire.TrainParams, strategy: str) -> None:
