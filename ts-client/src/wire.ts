@@ -619,6 +619,8 @@ export interface SupportsResult {
    */
   queueLength: number;
   model: ModelCheck | null;
+  /** @default [] */
+  exportArchitectures: string[];
 }
 
 /** One export a `train` job ends with (as `adapters/export` of the new adapter). */
