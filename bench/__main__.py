@@ -4,6 +4,7 @@
     bootstrap/train-wrapper.sh -m bench --levers --scaling # plus the lever and scaling tables
     bootstrap/train-wrapper.sh -m bench --quick            # smoke test: 3 steps per job
     bootstrap/train-wrapper.sh -m bench --genome           # only the adapter-genome benchmark (bench/genome.py)
+    bootstrap/train-wrapper.sh -m bench --coexist          # only llama.cpp beside training jobs (bench/coexist.py)
 
 Prints a table and writes a JSON file (default ``bench/results/<UTC time>.json``) with the raw
 figures, the ratios and each target's pass/fail. See docs/PERFORMANCE.md for the method.
@@ -69,6 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=7200, help="seconds allowed per job")
     p.add_argument("--genome", action="store_true",
                    help="run only the genome benchmark: exam batches vs single calls, stacked adapters")
+    p.add_argument("--coexist", action="store_true",
+                   help="run only the coexistence benchmark: llama.cpp decoding beside normal, background, paused "
+                        "and yielding jobs (bench/coexist.py; JSON to docs/bench-runs/)")
+    p.add_argument("--phase-seconds", type=float, default=20, help="--coexist: seconds per phase")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="print the table of an earlier run's JSON again (ratios recomputed), run nothing")
     return p.parse_args(argv)
@@ -416,6 +421,11 @@ def main(argv: list[str] | None = None) -> int:
         res = json.loads(args.report.read_text())
         finish_ratios(res)
         report_all(res)
+        return 0
+    if args.coexist:
+        from . import coexist
+
+        coexist.run(args.phase_seconds, args.out)
         return 0
     import torch
 

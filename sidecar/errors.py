@@ -212,6 +212,20 @@ class BackgroundProcessDied(SidecarError):
     CODE, MESSAGE = -32052, "The background job's process died"
 
 
+class MemoryInsufficient(SidecarError):
+    """The memory guard of ``train``: the job's estimated peak exceeds the memory it can get minus the
+    margin (``data: {device, totalBytes, availableBytes, marginBytes, estimate, suggestions}``)."""
+
+    CODE, MESSAGE = -32055, "Not enough memory for this job"
+
+
+class ModelInUse(SidecarError):
+    """``models/unload`` of a base a queued or running job or a resident adapter needs
+    (``data: {baseModel, jobs, residents}``)."""
+
+    CODE, MESSAGE = -32056, "The base model is in use"
+
+
 ALL_ERRORS: list[type[SidecarError]] = [
     ParseError, InvalidRequest, MethodNotFound, InvalidParams, InternalError, RequestCancelled,
     DatasetInvalid, ModelNotFound, ModelLoadFailed, OutOfMemory, QueueFull, ShuttingDown,
@@ -220,4 +234,5 @@ ALL_ERRORS: list[type[SidecarError]] = [
     AdapterBaseMismatch, AdapterIdInUse, AdapterBudgetFull, AdapterUnsupported, AdapterInvalid, ComposeInvalid,
     CheckpointNotFound, ResumeMismatch, CheckpointInvalid, AdapterMismatch,
     WorkerDied, WorkerStartFailed, JobNotFound, JobNotActive, BackgroundProcessDied,
+    MemoryInsufficient, ModelInUse,
 ]

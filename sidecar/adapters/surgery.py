@@ -18,22 +18,11 @@ from .fit import locate
 
 
 def default_target_modules(model: Any) -> list[str]:
-    """Names of every linear layer inside the transformer blocks (q, k, v, o, gate, up, down for
-    Llama). The blocks are the largest ``nn.ModuleList``; the LM head and embeddings lie outside it."""
-    import torch.nn as nn
+    """Every linear projection inside the transformer blocks, per architecture (training/targets.py:
+    the table ``supports`` reports, and the generic finder for other architectures)."""
+    from ..training.targets import default_targets
 
-    try:
-        from transformers.pytorch_utils import Conv1D  # GPT-2 style projections
-        linear_types: tuple[type, ...] = (nn.Linear, Conv1D)
-    except ImportError:
-        linear_types = (nn.Linear,)
-    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len, default=None)
-    if blocks is None:
-        raise errors.TrainingFailed("Cannot find the transformer blocks of this model; pass targetModules")
-    names = sorted({name.rsplit(".", 1)[-1] for name, m in blocks.named_modules() if isinstance(m, linear_types)})
-    if not names:
-        raise errors.TrainingFailed("No linear layers found in the transformer blocks; pass targetModules")
-    return names
+    return default_targets(model)
 
 
 @dataclass

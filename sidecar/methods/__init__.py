@@ -8,8 +8,8 @@ wire.METHODS name the same methods. No torch at import.
 """
 
 from .. import rpc
-from . import adapters, generate, system, train
+from . import adapters, generate, memory, system, train
 
 rpc.check_registry()
 
-__all__ = ["adapters", "generate", "system", "train"]
+__all__ = ["adapters", "generate", "memory", "system", "train"]

@@ -9,6 +9,7 @@ from typing import Any
 from .. import PROTOCOL_VERSION, __version__, errors, library_versions, wire
 from ..app import STOP_TIMEOUT, App
 from ..rpc import MAX_NESTING_DEPTH, Request, method
+from .memory import warm_models
 from .train import train_defaults
 
 log = logging.getLogger("sidecar.methods")
@@ -48,6 +49,7 @@ def supports(app: App, request: Request, p: wire.SupportsParams) -> wire.Support
         queue_length=len(queued),
         model=check,
         export_architectures=_export_architectures(),
+        default_target_modules=_default_targets(),
     )
 
 
@@ -55,6 +57,12 @@ def _export_architectures() -> list[str]:
     from ..adapters.gguf_arch import EXPORTABLE  # no torch, no gguf: a table
 
     return list(EXPORTABLE)
+
+
+def _default_targets() -> dict[str, list[str]]:
+    from ..training.targets import table  # no torch: a table
+
+    return table()
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -85,7 +93,8 @@ def status(app: App, request: Request, p: wire.StatusParams) -> wire.StatusResul
     if app.journal is not None:  # with the jobs of earlier processes, interrupted ones included
         infos = app.journal.recent(infos)
     return wire.StatusResult(running=running.info() if running else None, queued=[j.info() for j in queued],
-                             recent=infos, loaded_models=app.loaded(), adapters=app.adapters.summary())
+                             recent=infos, loaded_models=app.loaded(), adapters=app.adapters.summary(),
+                             models=warm_models(app))
 
 
 @method("cancel")

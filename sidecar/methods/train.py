@@ -15,6 +15,7 @@ from .. import errors, wire
 from ..app import App
 from ..housekeeping import claim_for_output
 from ..jobs import Job, Report, ShouldStop
+from .memory import guard
 from ..rpc import Request, method
 from ..training import priority, yielding
 from ..training.checks import check_request
@@ -60,6 +61,7 @@ def train(app: App, request: Request, p: wire.TrainParams) -> Any:
     # Every request check, before the job is queued or journaled; the raw params say which fields the
     # client gave (a resume takes those over the stored ones).
     p = check_request(p, raw=request.raw)
+    guard(app, p)  # the memory guard: a job that cannot fit is refused before anything loads
     job = app.queue(request, p, base_model=p.base_model, job_id=p.job_id, progress_interval=p.progress_interval)
     if app.claims is not None:  # so that a crash while saving is cleaned up at the next start
         key = app.claims.add(*claim_for_output(p.output_path))

@@ -115,6 +115,15 @@ class ModelCache:
     def evict_all(self) -> None:
         self._evict(keep=0)
 
+    def unload(self, keys: set[ModelKey]) -> int:
+        """Drop the entries under ``keys`` now (``models/unload``); returns the bytes they held (weights
+        and what was derived from them). The memory goes back once no caller holds a view of them."""
+        with self._lock:
+            victims = [self._entries.pop(k) for k in list(self._entries) if k in keys]
+        freed = sum(v.total_bytes() for v in victims)
+        self._release(victims)
+        return freed
+
     # -- internals --------------------------------------------------------------------------
 
     def _lookup(self, key: ModelKey) -> LoadedModel | None:

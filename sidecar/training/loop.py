@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -50,8 +50,7 @@ def train_loop(params: wire.TrainParams, d: TrainData, model: Model, optimizer: 
                 pg["lr"] = lr
             group = batches[g:g + accumulation]
             loss_sum, tokens, labels = _forward_backward(group, d, model, world, run, stop)
-            if params.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.trainable, params.max_grad_norm)
+            run.grad_norm = _grad_norm(model, params.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             ckpt.step_ends()
@@ -89,7 +88,8 @@ def _forward_backward(group: list[list[int]], d: TrainData, model: Model, world:
     # Normalise by every label in the optimizer step, not per micro-batch: a short micro-batch must
     # not weigh as much as a long one.
     labels = sum(d.items[i].trainable for b in group for i in b)
-    loss_sum, tokens, examples = 0.0, 0, 0
+    loss_sum, tokens, examples, correct = 0.0, 0, 0, 0
+    counted = True  # every micro-batch's loss said how many tokens it predicted (a wrapper may drop it)
     for part in world.micro_batches(group, d.lengths, d.micro_tokens):  # this rank's rows
         stop.poll()
         batch = data.collate(d.items, part.indices, d.pad_id, model.device)
@@ -100,10 +100,25 @@ def _forward_backward(group: list[list[int]], d: TrainData, model: Model, world:
             loss_sum += loss.item()
             tokens += batch.tokens
             examples += batch.examples
+            counted = counted and hasattr(loss, "correct")
+            correct += int(loss.correct) if counted else 0
     run.micro_done += len(group)
-    loss_sum, tokens, examples = world.sum(loss_sum, tokens, examples)
+    loss_sum, tokens, examples, correct = world.sum(loss_sum, tokens, examples, correct)
     run.examples_seen += int(examples)
+    run.token_accuracy = round(correct / labels, 6) if counted and labels else None
     return loss_sum, int(tokens), labels
+
+
+def _grad_norm(model: Model, max_norm: float) -> Optional[float]:
+    """The LoRA weights' gradient norm before clipping (clipped to ``max_norm`` when it is > 0)."""
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.trainable, max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([t.grad for t in model.trainable if t.grad is not None])
+    try:
+        return round(float(norm), 6)
+    except (TypeError, RuntimeError):  # a sharded norm that does not reduce to a number here
+        return None
 
 
 def _log_step(run: RunState, d: TrainData, *, loss_sum: float, tokens: int, labels: int, lr: float,

@@ -51,10 +51,23 @@ def loss_sum(lm: Any, batch: data.Batch, *, selective: bool) -> Any:
         hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).last_hidden_state
         keep = shift_labels != data.IGNORE
         logits = lm.get_output_embeddings()(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), shift_labels[keep], reduction="sum")
+        loss = F.cross_entropy(logits.float(), shift_labels[keep], reduction="sum")
+        return _with_correct(loss, logits, shift_labels[keep])
     logits = lm(input_ids=batch.input_ids, attention_mask=mask, use_cache=False).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), shift_labels.reshape(-1),
                            ignore_index=data.IGNORE, reduction="sum")
+    return _with_correct(loss, logits[:, :-1], shift_labels)
+
+
+def _with_correct(loss: Any, logits: Any, labels: Any) -> Any:
+    """``loss`` carrying ``correct``: how many label tokens the logits' argmax predicts (the step's
+    ``tokenAccuracy``, from the logits already computed). Training only; a tensor, read once a step."""
+    import torch
+
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            loss.correct = (logits.argmax(-1) == labels).sum()  # IGNORE (-100) never equals a token id
+    return loss
 
 
 def split_by_tokens(indices: list[int], lengths: list[int], budget: int) -> list[list[int]]:

@@ -12,6 +12,8 @@ No torch here: setup, the loop, the checkpointer and publish all read these.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,8 @@ class RunState:
     checkpoints: int = 0
     checkpoint_seconds: float = 0.0
     # This process only (never checkpointed):
+    grad_norm: Optional[float] = None  # the last step's, before clipping
+    token_accuracy: Optional[float] = None  # the last step's next-token accuracy on its label tokens
     resumed_from_step: Optional[int] = None
     first_step_at: Optional[float] = None  # wall clock
     clock: tuple[float, float] = (0.0, 0.0)  # (monotonic start of training here, training_wall then)
@@ -157,7 +161,32 @@ class RunState:
             epoch=round(self.epoch, 4), loss=self.loss, learning_rate=self.lr,
             tokens_per_second=round(tps, 2) if tps is not None else None,
             elapsed_seconds=round(time.monotonic() - self.started, 3), eta_seconds=eta,
-            validation_loss=self.validation_loss, message=message, checkpoint=checkpoint))
+            validation_loss=self.validation_loss, message=message, checkpoint=checkpoint, memory=memory_now(),
+            grad_norm=self.grad_norm, token_accuracy=self.token_accuracy))
+
+
+def memory_now() -> wire.MemoryNow:
+    """This process's memory now: RSS (Linux ``/proc/self/statm``, else the peak so far), and on CUDA
+    the allocator's current and peak bytes (the peak is reset when a job starts)."""
+    rss = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        try:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            rss = peak / (2**20 if sys.platform == "darwin" else 2**10)
+        except (ImportError, OSError):
+            pass
+    allocated = peak_dev = None
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        allocated = round(torch.cuda.memory_allocated() / 2**20, 1)
+        peak_dev = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return wire.MemoryNow(rss_mb=round(rss, 1) if rss is not None else None, device_allocated_mb=allocated,
+                          device_peak_mb=peak_dev)
 
 
 class StopSignal:

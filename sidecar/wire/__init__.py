@@ -27,11 +27,12 @@ from .base import (MAX_COMPONENT_BYTES, MAX_JOB_ID, MAX_PATH_BYTES, TMP_SUFFIX_B
 from .decode import decode_params, decoder, path_fields
 from .generate import AdapterRef, Answer, GenerateParams, GenerateResult, Prompt, Scale, Variant
 from .system import (CancelParams, CancelRequestParams, CancelResult, Defaults, DeviceInfo, ErrorObject, ExitParams,
-                     JobInfo, JobState, Limits, ModelCheck, Quantization, ShutdownParams, ShutdownResult,
-                     StatusParams, StatusResult, SupportsParams, SupportsResult, train_defaults)
-from .train import (CheckpointRef, Dataset, Distributed, EarlyStopping, Example, Message, PauseParams, PauseResult,
-                    Phase, Priority, Progress, ResumeParams, ResumeResult, TrainExport, TrainMetrics, TrainParams,
-                    TrainResult, YieldPolicy)
+                     JobInfo, JobState, Limits, ModelCheck, ModelsUnloadParams, ModelsUnloadResult, Quantization,
+                     ShutdownParams, ShutdownResult, StatusParams, StatusResult, SupportsParams, SupportsResult,
+                     WarmModel, train_defaults)
+from .train import (CheckpointRef, Dataset, Distributed, EarlyStopping, EstimateResult, Example, MemoryNow, Message,
+                    PauseParams, PauseResult, Phase, Priority, Progress, ResumeParams, ResumeResult, TrainExport,
+                    TrainMetrics, TrainParams, TrainResult, YieldPolicy)
 
 METHODS: dict[str, tuple[type, type]] = {
     "supports": (SupportsParams, SupportsResult),
@@ -47,6 +48,8 @@ METHODS: dict[str, tuple[type, type]] = {
     "adapters/compose": (AdaptersComposeParams, AdaptersComposeResult),
     "pause": (PauseParams, PauseResult),
     "resume": (ResumeParams, ResumeResult),
+    "estimate": (TrainParams, EstimateResult),
+    "models/unload": (ModelsUnloadParams, ModelsUnloadResult),
 }
 """Request methods: name → (params type, result type). The one list of method names."""
 

@@ -34,7 +34,8 @@ class CancelResult(Wire, kw_only=True):
 
 class JobInfo(Wire, kw_only=True):
     job_id: str
-    kind: Literal["train", "generate", "export", "adapters/load", "adapters/unload", "adapters/compose"] = "train"
+    kind: Literal["train", "generate", "export", "adapters/load", "adapters/unload", "adapters/compose",
+                  "models/unload"] = "train"
     state: JobState
     phase: Optional[Phase] = None
     base_model: str
@@ -51,6 +52,24 @@ class JobInfo(Wire, kw_only=True):
     paused_by: Optional[Literal["client", "busy"]] = None
 
 
+class WarmModel(Wire, kw_only=True):
+    """A base model kept warm in the sidecar's model cache, and the bytes it holds."""
+
+    name: str
+    path: str
+    device: str
+    dtype: str
+    quantize_bits: Optional[int] = None
+    """4 or 8 when loaded quantized (its ``weightsBytes`` are the quantized ones)."""
+    weights_bytes: int
+    """Parameters and buffers as loaded."""
+    bf16_copy_bytes: int = 0
+    """bf16 copies of the frozen linears kept for bf16 matmuls (training/bf16.py)."""
+    total_bytes: int
+    residents: list[str] = []
+    """Ids of the resident adapters loaded on this base (their bytes: ``adapters``)."""
+
+
 class StatusParams(Wire, kw_only=True):
     pass
 
@@ -62,6 +81,28 @@ class StatusResult(Wire, kw_only=True):
     loaded_models: list[str] = []
     adapters: Optional[AdaptersListResult] = None
     """Resident adapters and the budget, as ``adapters/list`` answers."""
+    models: list[WarmModel] = []
+    """The warm base models with their bytes, least recently used first."""
+
+
+# ---------------------------------------------------------------------------------------------
+# models/unload
+# ---------------------------------------------------------------------------------------------
+
+class ModelsUnloadParams(Wire, kw_only=True):
+    base_model: ModelName
+    """As ``train`` names it; every warm entry of that model (any device, dtype, quantization) goes."""
+    force: bool = False
+    """Also unload the resident adapters loaded on it (without: refused while there are any)."""
+
+
+class ModelsUnloadResult(Wire, kw_only=True):
+    base_model: str
+    unloaded: list[WarmModel] = []
+    """What was freed (empty: the model was not warm)."""
+    bytes_freed: int = 0
+    residents_unloaded: list[str] = []
+    """With ``force``: the resident adapters unloaded with it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,6 +179,10 @@ class SupportsResult(Wire, kw_only=True):
     export_architectures: list[str] = []
     """transformers model types ``adapters/export`` writes ``gguf-lora``/``merged-gguf`` for (``merged``
     works for any); their image-text checkpoints (Qwen3.5, Gemma 3) export their text model."""
+    default_target_modules: dict[str, list[str]] = {}
+    """transformers model type -> the ``targetModules`` a train request without them gets: every
+    linear projection inside the transformer blocks (Qwen3.5: its linear-attention projections too).
+    Other architectures get every linear layer found inside their decoder layers."""
 
 
 def train_defaults() -> Defaults:

@@ -245,6 +245,17 @@ class TrainResult(Wire, kw_only=True):
     """With ``export``: one result per export that was written, in request order."""
 
 
+class MemoryNow(Wire, kw_only=True):
+    """Memory of the process a job runs in, at one moment (MiB)."""
+
+    rss_mb: Optional[float] = None
+    """Resident set size of the job's process (null where the OS does not say)."""
+    device_allocated_mb: Optional[float] = None
+    """GPU: bytes the allocator holds for tensors now; null on CPU."""
+    device_peak_mb: Optional[float] = None
+    """GPU: the allocator's peak since the job started; null on CPU."""
+
+
 class Progress(Wire, kw_only=True):
     """Params of the ``progress`` notification."""
 
@@ -267,6 +278,12 @@ class Progress(Wire, kw_only=True):
     """The job's priority and compute-thread cap (null: one thread per core)."""
     paused_by: Optional[Literal["client", "busy"]] = None
     """With phase ``paused``: ``client`` (a ``pause`` request) or ``busy`` (``yield``)."""
+    memory: Optional[MemoryNow] = None
+    """The job process's memory as the notification is sent."""
+    grad_norm: Optional[float] = None
+    """The last optimizer step's gradient norm over the LoRA weights, before clipping."""
+    token_accuracy: Optional[float] = None
+    """The last optimizer step's next-token accuracy (argmax = label) over its trained tokens."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,3 +318,42 @@ class ResumeResult(Wire, kw_only=True):
     state: Literal["running", "queued", "paused"]
     """``paused``: ``yield`` still holds it (the machine is busy); it resumes when a core is idle."""
     step: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# estimate
+# ---------------------------------------------------------------------------------------------
+
+class EstimateResult(Wire, kw_only=True):
+    """What ``estimate`` (params: a ``train`` request) answers: the job's peak memory on its device,
+    in bytes, from the model's config and the dataset's token lengths — nothing is loaded or trained."""
+
+    device: str
+    base_model: str
+    base_bytes: int
+    """Weights (+ bf16 copies of the frozen linears where the job takes bf16 matmuls)."""
+    lora_bytes: int
+    """LoRA weights and their gradients."""
+    optimizer_bytes: int
+    """AdamW's two moments per LoRA weight."""
+    activation_bytes_peak: int
+    """The largest micro-batch's saved activations, logits and backward buffers."""
+    workspace_bytes: int
+    """The runtime itself (CPU: the interpreter, torch and its libraries, the tokenizer; GPU: kernels' workspace)."""
+    total_bytes: int
+    """The job's peak: the sum above (CPU: the peak RSS of a process running this job alone)."""
+    available_bytes: int
+    """Memory the job can use: free memory now, plus what this process already holds that the job
+    reuses (the warm base model)."""
+    held_bytes: int = 0
+    """Of ``totalBytes``, already held by the process the job runs in (a warm base, the runtime)."""
+    margin_bytes: int = 0
+    """``LORA_SIDECAR_MEMORY_MARGIN_MB``: kept free by the memory guard."""
+    fits: bool
+    """``totalBytes ≤ availableBytes − marginBytes``: what the guard at ``train`` checks."""
+    peak_tokens: int = 0
+    """Padded tokens of the largest micro-batch (rows × longest row)."""
+    peak_label_tokens: int = 0
+    suggestions: list[str] = []
+    """With ``fits: false``: settings that would fit (smaller batch, microBatchTokens, gradient
+    checkpointing, quantize), each checked with the same estimate."""

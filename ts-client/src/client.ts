@@ -27,12 +27,14 @@ import type {
   AdaptersLoadResult,
   AdaptersUnloadResult,
   CancelResult,
+  EstimateResult,
   ExportParams,
   ExportResult,
   GenerateParams,
   GenerateResult,
   JobInfo,
   Methods,
+  ModelsUnloadResult,
   PauseResult,
   Progress,
   ResumeResult,
@@ -240,6 +242,25 @@ export class SidecarClient extends EventEmitter<SidecarClientEvents> {
   /** Continue a paused job where it stopped (`{state: "running" | "queued" | "paused"}`). */
   resume(jobId: string, options?: CallOptions): Promise<ResumeResult> {
     return this.request("resume", { jobId }, options);
+  }
+
+  /**
+   * The memory a `train` request would take, answered without loading or training: `{baseBytes,
+   * loraBytes, optimizerBytes, activationBytesPeak, workspaceBytes, totalBytes, availableBytes, fits,
+   * suggestions}`. `train` runs the same estimate at its door and refuses a job that does not fit with
+   * -32055 (`ErrorCodes.MemoryInsufficient`, `data.suggestions`: settings that would).
+   */
+  estimate(params: TrainParams, options?: CallOptions): Promise<EstimateResult> {
+    return this.request("estimate", params, options);
+  }
+
+  /**
+   * Free a warm base model (`models/unload`). Refused with -32056 (`ErrorCodes.ModelInUse`) while a
+   * queued or running job needs it, or resident adapters are loaded on it unless `force: true`
+   * (which unloads them too).
+   */
+  unloadModel(baseModel: string, opts: { force?: boolean } = {}, options?: CallOptions): Promise<ModelsUnloadResult> {
+    return this.request("models/unload", { baseModel, ...opts }, options);
   }
 
   generate(params: GenerateParams, options?: CallOptions): Promise<GenerateResult> {

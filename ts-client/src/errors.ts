@@ -46,6 +46,8 @@ export const ErrorCodes = {
   JobNotFound: -32050,
   JobNotActive: -32051,
   BackgroundProcessDied: -32052,
+  MemoryInsufficient: -32055,
+  ModelInUse: -32056,
 } as const;
 
 export type ErrorCode = (typeof ErrorCodes)[keyof typeof ErrorCodes];

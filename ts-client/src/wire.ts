@@ -290,6 +290,52 @@ export interface ErrorObject {
   data?: Record<string, unknown> | null;
 }
 
+/**
+ * What `estimate` (params: a `train` request) answers: the job's peak memory on its device,
+ * in bytes, from the model's config and the dataset's token lengths — nothing is loaded or trained.
+ */
+export interface EstimateResult {
+  device: string;
+  baseModel: string;
+  /** Constraints: an integer. */
+  baseBytes: number;
+  /** Constraints: an integer. */
+  loraBytes: number;
+  /** Constraints: an integer. */
+  optimizerBytes: number;
+  /** Constraints: an integer. */
+  activationBytesPeak: number;
+  /** Constraints: an integer. */
+  workspaceBytes: number;
+  /** Constraints: an integer. */
+  totalBytes: number;
+  /** Constraints: an integer. */
+  availableBytes: number;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  heldBytes: number;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  marginBytes: number;
+  fits: boolean;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  peakTokens: number;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  peakLabelTokens: number;
+  /** @default [] */
+  suggestions: string[];
+}
+
 /** One training example: `messages` (chat), or `prompt` + `completion`, or `text`. */
 export interface Example {
   messages?: Message[] | null;
@@ -424,7 +470,7 @@ export interface GenerateResult {
 export interface JobInfo {
   jobId: string;
   /** @default "train" */
-  kind: "adapters/compose" | "adapters/load" | "adapters/unload" | "export" | "generate" | "train";
+  kind: "adapters/compose" | "adapters/load" | "adapters/unload" | "export" | "generate" | "models/unload" | "train";
   state: "cancelled" | "completed" | "failed" | "interrupted" | "paused" | "queued" | "running";
   phase: "cancelled" | "completed" | "evaluating" | "failed" | "interrupted" | "loading" | "paused" | "preparing" | "queued" | "saving" | "training" | null;
   baseModel: string;
@@ -465,6 +511,13 @@ export interface Limits {
   adapterBudgetBytes: number | null;
 }
 
+/** Memory of the process a job runs in, at one moment (MiB). */
+export interface MemoryNow {
+  rssMb: number | null;
+  deviceAllocatedMb: number | null;
+  devicePeakMb: number | null;
+}
+
 /** One chat turn. `role` is checked by the dataset layer (DatasetInvalid names the example). */
 export interface Message {
   role: string;
@@ -479,6 +532,29 @@ export interface ModelCheck {
   /** @default false */
   loaded: boolean;
   error: string | null;
+}
+
+export interface ModelsUnloadParams {
+  /**
+   * A model: `default`, a directory, a .gguf file, or a Hugging Face id (org/name); 1-4096 characters, no control characters.
+   * Constraints: length >= 1, length <= 4096.
+   */
+  baseModel: string;
+  /** @default false */
+  force?: boolean;
+}
+
+export interface ModelsUnloadResult {
+  baseModel: string;
+  /** @default [] */
+  unloaded: WarmModel[];
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  bytesFreed: number;
+  /** @default [] */
+  residentsUnloaded: string[];
 }
 
 export interface PauseParams {
@@ -533,6 +609,9 @@ export interface Progress {
   /** Constraints: an integer. */
   threads: number | null;
   pausedBy: "busy" | "client" | null;
+  memory: MemoryNow | null;
+  gradNorm: number | null;
+  tokenAccuracy: number | null;
 }
 
 /** One conversation of an exam; `id` is echoed in its answers. */
@@ -589,6 +668,8 @@ export interface StatusResult {
   /** @default [] */
   loadedModels: string[];
   adapters: AdaptersListResult | null;
+  /** @default [] */
+  models: WarmModel[];
 }
 
 export interface SupportsParams {
@@ -621,6 +702,8 @@ export interface SupportsResult {
   model: ModelCheck | null;
   /** @default [] */
   exportArchitectures: string[];
+  /** @default {} */
+  defaultTargetModules: Record<string, string[]>;
 }
 
 /** One export a `train` job ends with (as `adapters/export` of the new adapter). */
@@ -836,6 +919,27 @@ export interface Variant {
   adapters?: AdapterRef[];
 }
 
+/** A base model kept warm in the sidecar's model cache, and the bytes it holds. */
+export interface WarmModel {
+  name: string;
+  path: string;
+  device: string;
+  dtype: string;
+  /** Constraints: an integer. */
+  quantizeBits: number | null;
+  /** Constraints: an integer. */
+  weightsBytes: number;
+  /**
+   * Constraints: an integer.
+   * @default 0
+   */
+  bf16CopyBytes: number;
+  /** Constraints: an integer. */
+  totalBytes: number;
+  /** @default [] */
+  residents: string[];
+}
+
 /**
  * `train {yield}`: pause the job on its own while the rest of the machine keeps every core busy
  * (training/yielding.py; the rule and its numbers are in docs/PROTOCOL.md).
@@ -875,6 +979,8 @@ export interface Methods {
   "adapters/compose": { params: AdaptersComposeParams; result: AdaptersComposeResult };
   pause: { params: PauseParams; result: PauseResult };
   resume: { params: ResumeParams; result: ResumeResult };
+  estimate: { params: TrainParams; result: EstimateResult };
+  "models/unload": { params: ModelsUnloadParams; result: ModelsUnloadResult };
 }
 
 /** Every notification the sidecar sends: its params type. */
@@ -882,6 +988,6 @@ export interface Notifications {
   progress: Progress;
 }
 
-export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown","adapters/load","adapters/unload","adapters/list","adapters/compose","pause","resume"] as const;
+export const METHOD_NAMES = ["supports","train","cancel","status","generate","adapters/export","shutdown","adapters/load","adapters/unload","adapters/list","adapters/compose","pause","resume","estimate","models/unload"] as const;
 
 export const NOTIFICATION_NAMES = ["progress"] as const;
