@@ -1,8 +1,9 @@
 """Memory before and during a job (issue 21, item 4), through the real process.
 
 - ``estimate`` against the peak measured in the process that ran the job: a fresh sidecar runs only
-  that job, and its ``metrics.peakMemoryMb`` is the process's ``ru_maxrss`` (Linux: KiB, the kernel's
-  own high-water mark of the resident set) — so the figure compared is the job's whole peak, runtime,
+  that job, and its ``metrics.peakMemoryMb`` is the process's ``VmHWM`` (the kernel's own high-water mark
+  of its resident set; not ``ru_maxrss``, which also keeps the peak of the pytest process it was
+  forked from, see procs.peak_rss_mb) — so the figure compared is the job's whole peak, runtime,
   weights and activations. Tolerance 25 % (the issue's); each model's activations are more than 25 %
   of its peak, so an estimate without them (the planted error) fails the same comparison.
 - the memory guard (``LORA_SIDECAR_MEMORY_MARGIN_MB`` forcing a refusal, with both numbers and settings
@@ -12,7 +13,7 @@
 - ``status`` bytes per warm model and ``models/unload`` (refused while a resident or a job needs the
   base; ``force``; the process's RSS falls by the model's weights).
 
-Linux only (/proc, ru_maxrss in KiB). No wall-clock bounds.
+Linux only (/proc). No wall-clock bounds.
 """
 
 from __future__ import annotations

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import msgspec
 
-from .. import PROTOCOL_VERSION, __version__, errors, library_versions, paths, wire
+from .. import PROTOCOL_VERSION, __version__, errors, library_versions, paths, procs, wire
 from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
 from . import checkpoint
 from .state import Base, Model, Prepared, RunState, TrainData
@@ -112,8 +110,7 @@ def peak_memory_mb(device: str) -> float:
         import torch
 
         return round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)  # bytes on macOS, KiB on Linux
+    return procs.peak_rss_mb() or 0.0
 
 
 def final_metrics(*, job: Prepared, base: Base, data: TrainData, run: RunState, ckpt: Checkpointer,
