@@ -27,7 +27,7 @@ import msgspec
 
 from .. import errors, wire
 from ..files import MANIFEST_FILE
-from . import gguf_lora, merge, preflight
+from . import gguf_lora, merge, merge_gguf, preflight
 from .gguf_layout import check_against_base, layout_for, read_config
 from .source import AdapterSource, BaseModel, read_adapter, resolve_base
 
@@ -51,12 +51,14 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
                                    field="$.format")
     source = read_adapter(adapter_dir)
     base = resolve_base(source, base_model)
-    config = read_config(base)
+    # a .gguf base (the served model) is laid out from the checkpoint the adapter was trained on
+    config, checkpoint = (merge_gguf.gguf_base_config(source, base, fmt) if fmt in preflight.GGUF_FORMATS
+                          else (read_config(base), None))
     out_type = out_type or preflight.default_out_type(fmt, config.get("dtype") or config.get("torch_dtype"))
     preflight.check(source, base, config, fmt, out_type)
     warnings = _warnings(source, base, fmt, models)
 
-    layout = _gguf_layout(source, base, config, fmt) if fmt in preflight.GGUF_FORMATS else None
+    layout = _gguf_layout(source, base, config, checkpoint, fmt) if fmt in preflight.GGUF_FORMATS else None
     target = _target(source, fmt, out_type, output_path)
     modelfile = target.with_suffix(".Modelfile") if fmt == "gguf-lora" and base.gguf_path is not None else None
     _check_free(target, overwrite, want_dir=fmt == "merged")
@@ -101,13 +103,14 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
     return result
 
 
-def _gguf_layout(source: AdapterSource, base: BaseModel, config: dict[str, Any], fmt: str) -> Any:
+def _gguf_layout(source: AdapterSource, base: BaseModel, config: dict[str, Any], checkpoint: Optional[str],
+                 fmt: str) -> Any:
     """The GGUF tensor layout of the base, with every adapted module named in it (else ExportRefused)."""
     layout = layout_for(config, base.gguf_path, fmt)
     targets = preflight.check_modules(source, layout, fmt)
     if base.gguf_path is not None:
-        # The converted checkpoint of a .gguf base lets the q/k row order be checked on real weights.
-        checkpoint = base.hf_path if base.hf_gguf_file is None else None
+        # The checkpoint of a .gguf base (its conversion, or the one the adapter was trained on) lets
+        # the row/column order be checked on real weights.
         check_against_base(layout, targets, base.gguf_path, checkpoint, fmt)
     return layout
 
@@ -122,7 +125,7 @@ def _write(source: AdapterSource, base: BaseModel, layout: Any, fmt: str, out_ty
         tmp.mkdir()
         merge.write_merged(source, base, tmp, out_type)
         return len(source.pairs), None
-    return merge.write_merged_gguf(source, base, layout, tmp, out_type), None
+    return merge_gguf.write_merged_gguf(source, base, layout, tmp, out_type), None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,8 +61,9 @@ def _check_tied_head(source: AdapterSource, config: dict[str, Any], fmt: str) ->
 def _check_gguf(source: AdapterSource, base: BaseModel, fmt: str) -> None:
     if fmt == "merged-gguf" and base.gguf_path is None:
         raise _refuse(fmt, "base-not-gguf", f"the base model {base.name!r} is a transformers checkpoint, not a "
-                      ".gguf file, so there is no GGUF base to merge into. Export 'merged' and convert it with "
-                      "llama.cpp's convert_hf_to_gguf.py, or export 'gguf-lora'.")
+                      ".gguf file, so there is no GGUF base to merge into. Pass the .gguf converted from that "
+                      "checkpoint (the model llama.cpp serves) as baseModel. Export 'merged' and convert it with "
+                      "llama.cpp's convert_hf_to_gguf.py, or export 'gguf-lora', otherwise.")
     if source.use_dora and fmt == "gguf-lora":
         raise _refuse(fmt, "dora", "the adapter uses DoRA (a learned magnitude per output column), which a LoRA "
                       "file cannot represent: llama.cpp only adds scale·B·A. Export 'merged' (or 'merged-gguf' "
