@@ -80,6 +80,11 @@ class App:
             self._background = BackgroundProcess()
         return self._background
 
+    @property
+    def background_if_made(self) -> Any:
+        """The background job process's handle when one was made, else None."""
+        return self._background
+
     def close(self) -> None:
         """The worker group of a distributed job and the background job process go with the process."""
         if self._supervisor is not None:

@@ -9,6 +9,8 @@ whatever the runners call:
   (phase ``generating``), sleep that long without looking at cancellation: an operation that
   cannot be interrupted, like loading a large model.
 - ``LORA_SIDECAR_TEST_HOLD_MARKER=<file>`` — touched when the hold begins, so a test knows.
+- ``LORA_SIDECAR_TEST_NATIVE_BF16=1`` — the CPU counts as having native bf16 (training/bf16.py's
+  matmuls are taken with ``dtype: auto`` on any host; torch computes bf16 without the instructions too).
 - ``LORA_SIDECAR_TEST_BREAK=handle`` — handling a message whose bytes contain ``BOOM`` raises (a bug
   in the server); ``=reader`` — reading the second message raises (the input stream breaks).
 """
@@ -52,6 +54,11 @@ def install() -> None:
         return real_run_job(self, job, report, should_stop)
 
     App.run_job = run_job
+
+    if os.environ.get("LORA_SIDECAR_TEST_NATIVE_BF16") == "1":
+        from sidecar.training import bf16
+
+        bf16.cpu_has_native_bf16 = lambda: True
 
     broken = os.environ.get("LORA_SIDECAR_TEST_BREAK")
     if broken == "handle":

@@ -1,7 +1,8 @@
 """Background jobs through the real process on the tiny model (issue 21, items 1-3): ``priority``
 read back from the OS for every thread, ``pause`` / ``resume`` (an adapter equal to an
 uninterrupted run's, no CPU while paused, a queued job held, cancel of a paused job, the journal),
-and ``yield`` under a planted busy process.
+``yield`` under a planted busy process, ``release`` dropping and rebuilding the bf16 weight copies, and
+the background process's own warm models in ``status`` and ``models/unload``.
 
 No wall-clock bounds: CPU use is read from the OS's accounting (/proc/<pid>/stat), orderings and
 step numbers instead of times. Linux only (/proc, SCHED_IDLE)."""
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sidecar_proc import Sidecar, chat_dataset
+from tests.sidecar_proc import HOOKED_ARGV, Sidecar, chat_dataset
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and SCHED_IDLE")
 
@@ -241,3 +242,125 @@ def test_yield_pauses_while_every_core_is_busy_and_resumes_after(sidecar, tiny_m
                             and m["params"]["phase"] == "paused") >= start
     sidecar.call("cancel", {"jobId": "yield"})
     assert sidecar.response(rid, timeout=120)["error"]["code"] == -32800
+
+
+# ---------------------------------------------------------------------------------------------
+# pause {release}: the bf16 weight copies (training/bf16.py) go, and come back on resume
+# ---------------------------------------------------------------------------------------------
+
+def test_release_and_rebuild_of_the_bf16_copies_in_process(tiny_model_dir):
+    """In process, on the layers themselves: a release drops every copy (the layers' references and
+    the store's), a rebuild makes the same ones again (the same logits, exactly), and a planted resume
+    that does not rebuild them cannot compute at all."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sidecar.training import bf16
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval().requires_grad_(False)
+    ids = torch.arange(1, 33).unsqueeze(0)
+    with torch.no_grad():
+        fp32 = model(input_ids=ids).logits
+        store: dict = {}
+        with bf16.bf16_matmuls(model, store) as layers:
+            before = model(input_ids=ids).logits
+            kept = sum(t.numel() * t.element_size() for _, t in store["bf16_weights"].values())
+            assert layers > 0 and kept > 0
+            assert bf16.release_copies() == kept
+            (patch,) = bf16._ACTIVE
+            assert "bf16_weights" not in store and all(m._bf16_weight is None for m in patch.modules)
+            with pytest.raises(TypeError):  # the planted error: resumed without rebuilding them
+                model(input_ids=ids)
+            assert bf16.rebuild_copies() == layers
+            assert sum(t.numel() * t.element_size() for _, t in store["bf16_weights"].values()) == kept
+            after = model(input_ids=ids).logits
+        assert bf16._ACTIVE == []
+    assert torch.equal(before, after)
+    assert float((before - fp32).abs().max()) > 10 * TOL  # effect floor: the copies are in use
+
+
+def warm_of(proc: Sidecar, model: Path, held_by: str) -> dict:
+    models = proc.call("status")["result"]["models"]
+    found = [m for m in models if Path(m["path"]).resolve() == model.resolve() and m["heldBy"] == held_by]
+    assert len(found) == 1, models
+    return found[0]
+
+
+def test_release_frees_the_bf16_copies_and_resume_rebuilds_them(tiny_model_dir, tmp_path):
+    """``dtype: auto`` with native bf16 (made so on any host by the test hook): while a released pause
+    holds the job, ``status`` reports no bf16 copies on its base; after resume they are back, and the
+    adapter equals an uninterrupted bf16-matmul run's (the same copies, the same operations: observed 0).
+    A resume that did not rebuild them fails the job (in-process test above); one that went on in fp32
+    would differ by the effect floor checked last (an fp32 run's adapter)."""
+    proc = Sidecar(argv=HOOKED_ARGV, env={"LORA_SIDECAR_DATA": str(tmp_path / "data"),
+                                          "LORA_SIDECAR_TEST_NATIVE_BF16": "1"})
+    try:
+        def auto(name: str, **extra) -> dict:
+            return params(tiny_model_dir, tmp_path / name, jobId=name, dtype="auto", **extra)
+
+        assert "result" in proc.call("train", auto("plain16"), timeout=300)
+        kept = warm_of(proc, tiny_model_dir, "sidecar")["bf16CopyBytes"]
+        assert kept > 0
+        rid = proc.request("train", auto("paused16", checkpointEvery=1000))
+        progress_of(proc, "paused16", "training", min_step=2)
+        answer = proc.call("pause", {"jobId": "paused16", "release": True}, timeout=120)["result"]
+        assert answer["state"] == "paused" and answer["released"], answer
+        held = warm_of(proc, tiny_model_dir, "sidecar")
+        assert held["bf16CopyBytes"] == 0 and held["totalBytes"] == held["weightsBytes"], held
+        assert proc.call("resume", {"jobId": "paused16"})["result"]["state"] == "running"
+        done = proc.response(rid, timeout=300)
+        assert "result" in done, done
+        assert warm_of(proc, tiny_model_dir, "sidecar")["bf16CopyBytes"] == kept
+        assert "result" in proc.call("train", params(tiny_model_dir, tmp_path / "fp32", jobId="fp32"), timeout=300)
+    finally:
+        proc.close()
+    a, b, c = (adapter_tensors(tmp_path / n) for n in ("plain16", "paused16", "fp32"))
+    assert max_diff(a, b) <= TOL
+    assert max_diff(a, c) > 10 * TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# The background process's own model cache: status, models/unload, release
+# ---------------------------------------------------------------------------------------------
+
+def test_background_process_models_in_status_unload_and_release(tiny_model_dir, tmp_path):
+    """The background job process's warm model shows in ``status.models`` (``heldBy: background``);
+    ``models/unload`` is refused while its job needs it and then unloads it there; a released pause
+    drops its bf16 copies in that process (on a CPU with native bf16, where a background job takes
+    bf16 matmuls; the process cannot take the test hook)."""
+    from sidecar.models import cpu_has_native_bf16
+
+    native = cpu_has_native_bf16()
+    proc = Sidecar(env={"LORA_SIDECAR_DATA": str(tmp_path / "data")})
+    try:
+        rid = proc.request("train", long_params(tiny_model_dir, tmp_path / "bg", jobId="bgm", priority="background",
+                                                dtype="auto", checkpointEvery=1000))
+        progress_of(proc, "bgm", "training", min_step=2)
+        warm = warm_of(proc, tiny_model_dir, "background")
+        assert warm["weightsBytes"] > 0 and warm["residents"] == [] and (warm["bf16CopyBytes"] > 0) == native, warm
+        assert not [m for m in proc.call("status")["result"]["models"] if m["heldBy"] == "sidecar"]
+
+        busy = proc.call("models/unload", {"baseModel": str(tiny_model_dir)})["error"]
+        assert busy["code"] == -32056 and busy["data"]["jobs"] == ["bgm"], busy
+
+        answer = proc.call("pause", {"jobId": "bgm", "release": True}, timeout=120)["result"]
+        assert answer["state"] == "paused" and answer["released"], answer
+        held = warm_of(proc, tiny_model_dir, "background")
+        assert held["bf16CopyBytes"] == 0 and held["weightsBytes"] == warm["weightsBytes"], held
+        assert proc.call("resume", {"jobId": "bgm"})["result"]["state"] == "running"
+        progress_of(proc, "bgm", "training", min_step=answer["step"] + 1)
+        assert warm_of(proc, tiny_model_dir, "background")["bf16CopyBytes"] == warm["bf16CopyBytes"]
+        proc.call("cancel", {"jobId": "bgm"})
+        assert proc.response(rid, timeout=120)["error"]["code"] == -32800
+
+        kept = warm_of(proc, tiny_model_dir, "background")  # warm for the next background job
+        (child,) = children(proc.proc.pid)
+        done = proc.call("models/unload", {"baseModel": str(tiny_model_dir)}, timeout=120)["result"]
+        assert [(m["heldBy"], m["totalBytes"]) for m in done["unloaded"]] == [("background", kept["totalBytes"])]
+        assert done["bytesFreed"] == kept["totalBytes"]
+        assert proc.call("status")["result"]["models"] == []
+        assert children(proc.proc.pid) == [child], "the process stays, without the model"
+        again = proc.call("models/unload", {"baseModel": str(tiny_model_dir)})["result"]
+        assert again["unloaded"] == [] and again["bytesFreed"] == 0
+    finally:
+        proc.close()

@@ -59,7 +59,7 @@ NO_TORCH_AT_IMPORT = ["sidecar.wire", "sidecar.errors", "sidecar.stdio", "sideca
                       "sidecar.app", "sidecar.methods", "sidecar.jobs", "sidecar.journal", "sidecar.jobdir",
                       "sidecar.procs", "sidecar.files", "sidecar.paths", "sidecar.housekeeping",
                       "sidecar.drain", "sidecar.datasets", "sidecar.chat", "sidecar.batching",
-                      "sidecar.training.checks", "sidecar.training.distributed"]
+                      "sidecar.training.checks", "sidecar.training.distributed", "sidecar.adapters.package"]
 HEAVY = ("torch", "transformers", "peft")
 
 

@@ -7,7 +7,8 @@
   weights and activations. Tolerance 25 % (the issue's); each model's activations are more than 25 %
   of its peak, so an estimate without them (the planted error) fails the same comparison.
 - the memory guard (``LORA_SIDECAR_MEMORY_MARGIN_MB`` forcing a refusal, with both numbers and settings
-  that would fit, each of which ``estimate`` then says fits);
+  that would fit, each of which ``estimate`` then says fits), run off the thread that reads stdin
+  (``status`` and ``supports`` answered while the guard and ``estimate`` run);
 - ``progress`` carrying ``memory``, ``gradNorm`` (before clipping: equal to an unclipped run's) and
   ``tokenAccuracy`` (equal to a next-token accuracy computed here with transformers);
 - ``status`` bytes per warm model and ``models/unload`` (refused while a resident or a job needs the
@@ -150,9 +151,11 @@ def test_guard_refuses_before_anything_loads(mid_model, tmp_path):
         assert data["marginBytes"] == int(room) * MIB
         assert str(round(data["totalBytes"] / MIB)) in response["error"]["message"]
         assert data["suggestions"], data
-        assert not proc.progress(), "nothing was queued"
+        # The guard is the job's first act on the worker: queued, then failed, nothing loaded.
+        assert [p["phase"] for p in proc.progress()] == ["queued", "failed"], proc.progress()
         status = ok(proc.call("status"))
-        assert status["loadedModels"] == [] and status["recent"] == [] and status["models"] == []
+        assert status["loadedModels"] == [] and status["running"] is None and status["models"] == []
+        assert [(j["state"], j["step"]) for j in status["recent"]] == [("failed", 0)], status["recent"]
         # Each suggestion, applied, fits by the same estimate.
         first = data["suggestions"][0]
         applied = dict(params)
@@ -169,6 +172,36 @@ def test_guard_refuses_before_anything_loads(mid_model, tmp_path):
             assert refused["code"] == -32055 and refused["data"]["suggestions"] == []
         finally:
             huge.close()
+    finally:
+        proc.close()
+
+
+def test_the_reader_answers_while_a_train_is_guarded_and_an_estimate_runs(tiny_model_dir, tmp_path):
+    """The guard and ``estimate`` tokenize the dataset (seconds): neither runs on the thread that reads
+    stdin. Structural, no clock: ``status`` sent right behind a guarded ``train`` is answered before the
+    train's refusal and shows the job (with the guard at the door, the old place, the job was not
+    queued until its estimate ended: ``status`` could not see it); ``supports`` sent behind an
+    ``estimate`` is answered before it. The estimate and the guard take one lock, and this fresh
+    process imports torch and transformers for the first one: both take seconds, the answers ms."""
+    proc = fresh(tmp_path, LORA_SIDECAR_MEMORY_MARGIN_MB="100000000")  # no job fits: the guard refuses
+    try:
+        params = {"baseModel": str(tiny_model_dir), "dataset": varied_dataset(200), "maxSteps": 1,
+                  "outputPath": str(tmp_path / "out"), "jobId": "guarded"}
+        train = proc.request("train", params)
+        status = proc.request("status")
+        est = proc.request("estimate", params)
+        supports = proc.request("supports")
+        refused = proc.response(train, timeout=300)
+        assert refused["error"]["code"] == -32055, refused
+        seen = ok(proc.response(status))
+        job = seen["running"] or next(iter(seen["queued"]), None)
+        assert job is not None and job["jobId"] == "guarded" and job["state"] in ("queued", "running"), seen
+        estimated = ok(proc.response(est, timeout=300))
+        assert estimated["fits"] is False and estimated["totalBytes"] == refused["error"]["data"]["totalBytes"]
+        ok(proc.response(supports))
+        order = {name: proc.index_of(lambda m, i=i: m.get("id") == i and "method" not in m)
+                 for name, i in (("train", train), ("status", status), ("estimate", est), ("supports", supports))}
+        assert order["status"] < order["train"] and order["supports"] < order["estimate"], order
     finally:
         proc.close()
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import __version__, errors, library_versions, paths, wire
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, atomic_write_text, fsync_dir, safe_name, sha256_file, utc_iso
+from . import package
 from .fit import module_leaf_names
 from .resident import AdapterRegistry, Resident
 
@@ -138,6 +139,7 @@ def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegi
                                       alpha=s.alpha) for s, src in zip(sources, p.sources)]
         manifest = _manifest(p, loaded, sources, parents, target, out / ADAPTER_FILE, rank, modules)
         atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        package.write_package(out, _package_info(p, sources, target, rank, time.monotonic() - started))
         _publish(out, target)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
@@ -228,6 +230,18 @@ def _manifest(p: wire.AdaptersComposeParams, loaded: Any, sources: list[Resident
         "adapter": {"path": str(target), "file": ADAPTER_FILE, "sha256": sha256_file(weights_file),
                     "bytes": weights_file.stat().st_size, "rank": rank, "targetModules": module_leaf_names(modules)},
     }
+
+
+def _package_info(p: wire.AdaptersComposeParams, sources: list[Resident], target: Path, rank: int,
+                  seconds: float) -> package.PackageInfo:
+    """The application's package files of a composed adapter (adapters/package.py): nothing was trained
+    (epochs 0, loss null, no loss history); the persona fields are those all sources' manifest.json share."""
+    persona = package.inherited_persona(s.path for s in sources)
+    return package.PackageInfo(
+        source="composed", base_model=sources[0].base_name, rank=rank, persona_id=persona["personaId"],
+        persona_name=persona["personaName"], trait_type=persona["traitType"], fallback_name=p.name or target.name,
+        epochs=0, final_loss=None, training_ms=round(seconds * 1000), train_runtime_s=seconds, loss_history=[],
+        examples_processed=0, created_at=time.time())
 
 
 def _publish(out: Path, target: Path) -> None:

@@ -1,11 +1,13 @@
 """Memory before and around a job: ``estimate`` (a train request's peak, nothing loaded), the memory
-guard ``train`` runs at its door, the warm models' bytes that ``status`` reports, and
-``models/unload``. No torch at import."""
+guard a ``train`` job runs before it loads anything, the warm models' bytes that ``status`` reports
+(the sidecar's and the background job process's), and ``models/unload``. No torch at import."""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from concurrent.futures import Future
 from typing import Any, Optional
 
 from .. import errors, wire
@@ -18,36 +20,54 @@ log = logging.getLogger("sidecar.methods")
 
 
 @method("estimate")
-def estimate(app: App, request: Request, p: wire.TrainParams) -> wire.EstimateResult:
-    """Answered at once, on the request's thread: reads the model's config and tokenizes the dataset,
-    loads no weights (training/estimate.py)."""
-    from ..training import estimate as est
-
+def estimate(app: App, request: Request, p: wire.TrainParams) -> Future:
+    """Checked as ``train`` is, on the request's thread; then estimated on a thread of its own (it reads
+    the model's config and tokenizes the dataset, 1-4 s, loading no weights: training/estimate.py), so
+    the reader goes on to the next message meanwhile. Estimates run one at a time (estimate.py's lock)."""
     p = check_request(p, raw=request.raw)
-    return est.estimate(p, held=held_by_job_process(app, p))
+    done: Future = Future()
+
+    def run() -> None:
+        from ..training import estimate as est
+
+        try:
+            done.set_result(est.estimate(p, held=held_by_job_process(app, p)))
+        except BaseException as exc:  # noqa: BLE001 - answered as the handler's own error would be
+            done.set_exception(exc)
+
+    threading.Thread(target=run, name="estimate", daemon=True).start()
+    return done
 
 
 def held_by_job_process(app: App, p: wire.TrainParams) -> Any:
     """What the process the job would run in already holds of its peak: the warm base (same model,
-    device, dtype, quantization) and the runtime, when that process is the sidecar itself (a normal
-    job); nothing for a background job (a process of its own) or a distributed one."""
+    device, dtype, quantization) and the runtime — the sidecar's for a normal job, the background job
+    process's (its cache as it last reported it) for a background one; nothing for a distributed one."""
     from ..training.estimate import Held
 
-    if p.priority == "background" or p.distributed is not None:
+    if p.distributed is not None:
         return Held()
+    if p.priority == "background":
+        background = app.background_if_made
+        warm = background.warm() if background is not None else []
+        path = _path_or_none(p.base_model)
+        return Held(base=max((m.total_bytes for m in warm if m.path == path), default=0),
+                    runtime=background is not None and background.pid is not None)
     cache = app.models_if_made
     runtime = "torch" in sys.modules and cache is not None and bool(cache.entries())
     return Held(base=_warm_bytes(cache, p), runtime=runtime)
 
 
-def _warm_bytes(cache: Any, p: wire.TrainParams) -> int:
-    if cache is None:
-        return 0
-    from ..models import resolve_model
-
+def _path_or_none(name: str) -> Optional[str]:
     try:
-        path = resolve_model(p.base_model, convert=False).path
+        return _resolved_path(name)
     except errors.SidecarError:
+        return None
+
+
+def _warm_bytes(cache: Any, p: wire.TrainParams) -> int:
+    path = _path_or_none(p.base_model)
+    if cache is None or path is None:
         return 0
     return max((e.total_bytes() for e in cache.entries() if e.resolved.path == path), default=0)
 
@@ -55,8 +75,11 @@ def _warm_bytes(cache: Any, p: wire.TrainParams) -> int:
 def guard(app: App, p: wire.TrainParams) -> None:
     """The memory guard of ``train``: refuse a job whose estimate exceeds the memory it can get minus
     ``LORA_SIDECAR_MEMORY_MARGIN_MB`` (MemoryInsufficient, with both numbers and what would fit),
-    before anything is queued or loaded. A job the estimate cannot judge (an unknown architecture, a
-    model not on disk, a distributed job) is let through; the reason goes to stderr."""
+    before anything is loaded. Run by the job itself, first thing on the job worker (methods/train.py),
+    never on the thread that reads the protocol: the estimate tokenizes the dataset (seconds), and
+    ``cancel``, ``status`` and ``pause`` are answered meanwhile; it then also judges the memory as it is
+    when the job starts, after the jobs ahead of it. A job the estimate cannot judge (an unknown
+    architecture, a model not on disk, a distributed job) is let through; the reason goes to stderr."""
     from ..training import estimate as est
 
     if not est.guard_enabled() or p.distributed is not None:
@@ -78,19 +101,15 @@ def guard(app: App, p: wire.TrainParams) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def warm_models(app: App) -> list[wire.WarmModel]:
-    cache = app.models_if_made
-    if cache is None:
-        return []
-    residents = app.adapters.residents()
-    return [_warm_model(entry, [r.id for r in residents if r.base_key == entry.key]) for entry in cache.entries()]
+    """The sidecar's warm models (with their residents), then the background job process's."""
+    from ..models.cache import warm_model
 
-
-def _warm_model(entry: Any, residents: list[str]) -> wire.WarmModel:
-    derived = entry.total_bytes() - entry.nbytes
-    return wire.WarmModel(name=entry.name, path=entry.resolved.path, device=entry.device,
-                          dtype=str(entry.dtype).replace("torch.", ""), quantize_bits=entry.key.quantize_bits,
-                          weights_bytes=entry.nbytes, bf16_copy_bytes=derived, total_bytes=entry.total_bytes(),
-                          residents=residents)
+    cache, background = app.models_if_made, app.background_if_made
+    found = []
+    if cache is not None:
+        residents = app.adapters.residents()
+        found = [warm_model(e, [r.id for r in residents if r.base_key == e.key]) for e in cache.entries()]
+    return found + (background.warm() if background is not None else [])
 
 
 def _resolved_path(name: str) -> str:
@@ -115,26 +134,31 @@ def _jobs_needing(app: App, path: str, own: Optional[Job] = None) -> list[str]:
 
 
 def run_unload(app: App, job: Job, report: Report, should_stop: ShouldStop) -> wire.ModelsUnloadResult:
-    """On the worker, in request order (no generate or train of this base runs meanwhile)."""
+    """On the worker, in request order (no generate or train of this base runs meanwhile, neither here
+    nor in the background job process, whose jobs also run on this worker)."""
+    from ..models.cache import warm_model
+    from ..training.pause import free_memory
+
     p: wire.ModelsUnloadParams = job.params
     path = _resolved_path(p.base_model)
-    cache = app.models_if_made
+    cache, background = app.models_if_made, app.background_if_made
     entries = [e for e in cache.entries() if e.resolved.path == path] if cache is not None else []
-    if not entries:
-        return wire.ModelsUnloadResult(base_model=p.base_model)
     keys = {e.key for e in entries}
     residents = [r for r in app.adapters.residents() if r.base_key in keys]
     needing = _jobs_needing(app, path, own=job)
     if needing or (residents and not p.force):
         raise errors.ModelInUse(_in_use_message(p.base_model, needing, [r.id for r in residents]),
                                 baseModel=p.base_model, jobs=needing, residents=[r.id for r in residents])
-    unloaded = [_warm_model(e, [r.id for r in residents if r.base_key == e.key]) for e in entries]
-    for resident in residents:
-        app.adapters.unload(resident.id)
-    freed = cache.unload(keys)
-    from ..training.pause import free_memory
-
-    free_memory()  # the C heap's free pages back to the OS, the CUDA allocator's cache emptied
+    unloaded = [warm_model(e, [r.id for r in residents if r.base_key == e.key]) for e in entries]
+    freed = 0
+    if entries:
+        for resident in residents:
+            app.adapters.unload(resident.id)
+        freed = cache.unload(keys)
+        free_memory()  # the C heap's free pages back to the OS, the CUDA allocator's cache emptied
+    if background is not None:  # its own cache, in its own process (which frees its memory the same way)
+        gone, gone_bytes = background.unload(path)
+        unloaded, freed = unloaded + gone, freed + gone_bytes
     return wire.ModelsUnloadResult(base_model=p.base_model, unloaded=unloaded, bytes_freed=freed,
                                    residents_unloaded=[r.id for r in residents])
 

@@ -30,8 +30,15 @@ def train_defaults() -> wire.Defaults:
 
 def run_train(app: App, job: Job, report: Report,
               should_stop: ShouldStop) -> wire.TrainResult:
-    """The job: train (here, or on the job's worker group), then its exports and residency."""
+    """The job: the memory guard, then train (here, in the background job process, or on the job's
+    worker group), then its exports and residency."""
     p: wire.TrainParams = job.params
+    # The memory guard, first thing on the worker (before anything loads), not at the door: its
+    # estimate tokenizes the dataset (seconds) and the door runs on the thread that reads stdin.
+    guard(app, p)
+    if job.cancel_event.is_set():  # cancelled (or the sidecar stopping) while it was estimated
+        raise errors.RequestCancelled(f"Job {job.job_id} cancelled before it started", jobId=job.job_id,
+                                      stepsCompleted=0)
     if p.distributed is not None:
         result = app.supervisor.train(p, job_id=job.job_id, report=report, should_stop=should_stop,
                                       received_at=job.received_at)
@@ -61,7 +68,6 @@ def train(app: App, request: Request, p: wire.TrainParams) -> Any:
     # Every request check, before the job is queued or journaled; the raw params say which fields the
     # client gave (a resume takes those over the stored ones).
     p = check_request(p, raw=request.raw)
-    guard(app, p)  # the memory guard: a job that cannot fit is refused before anything loads
     job = app.queue(request, p, base_model=p.base_model, job_id=p.job_id, progress_interval=p.progress_interval)
     if app.claims is not None:  # so that a crash while saving is cleaned up at the next start
         key = app.claims.add(*claim_for_output(p.output_path))

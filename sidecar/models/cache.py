@@ -13,11 +13,11 @@ import time
 from collections import OrderedDict
 from typing import Callable
 
-from .. import errors
+from .. import errors, wire
 from .devices import dtype_warning, quantization_support, select_device, select_dtype
 from .embedded import ensure_embedded_checkpoint
 from .load import load_model
-from .loaded import LoadedModel, ModelKey
+from .loaded import LoadedModel, ModelKey, _tensor_bytes
 from .resolve import ResolvedModel, resolve_model
 
 log = logging.getLogger("sidecar.models")  # one logger name for the package, as before the split
@@ -183,6 +183,18 @@ class ModelCache:
                             f"({support.reason}); the model was loaded without quantization.")
             return None
         return quantize_bits
+
+
+def warm_model(entry: LoadedModel, residents: list[str] | None = None,
+               held_by: str = "sidecar") -> wire.WarmModel:
+    """``status``'s view of one cache entry: its bytes (weights, and the bf16 copies derived from them),
+    the resident adapters on it, and the process whose cache holds it. Safe beside the job's thread: the
+    derived dict is copied first (its values are replaced whole, never changed in place)."""
+    derived = _tensor_bytes(dict(entry.derived))
+    return wire.WarmModel(name=entry.name, path=entry.resolved.path, device=entry.device,
+                          dtype=str(entry.dtype).replace("torch.", ""), quantize_bits=entry.key.quantize_bits,
+                          weights_bytes=entry.nbytes, bf16_copy_bytes=derived, total_bytes=entry.nbytes + derived,
+                          residents=residents or [], held_by=held_by)
 
 
 def _identity(resolved: ResolvedModel) -> str:

@@ -6,7 +6,8 @@ job's gate (training/pause.py) is forwarded — a ``pause`` / ``resume`` / ``can
 becomes a message to the process, whose own gate parks its job — and the process's ``paused`` /
 ``resumed`` reach the job queue through the same hooks an in-process job's gate calls. A process
 that ends without answering fails the job with BackgroundProcessDied; the next job starts a new
-one. No torch here.
+one. The process also reports its warm models (``status.models``, marked ``heldBy: "background"``)
+and unloads them on ``models/unload``. No torch here.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ log = logging.getLogger("sidecar.background")
 READY_TIMEOUT = 60.0
 """Seconds the new process may take to say ready (it says so before importing torch)."""
 POLL_SECONDS = 0.1
+UNLOAD_TIMEOUT = 60.0
+"""Seconds the process may take to answer ``unload`` (dropping a model and trimming the heap: < 1 s)."""
 
 
 class BackgroundProcess:
@@ -41,6 +44,9 @@ class BackgroundProcess:
         self.sock: Optional[socket.socket] = None
         self.buffer = b""
         self.applied: dict[str, Any] = {}
+        self.models: list[wire.WarmModel] = []
+        """The process's warm models as it last reported them (it does at each phase change of a job,
+        pause, resume, the job's end and an unload)."""
         self._lock = threading.Lock()
 
     @property
@@ -69,7 +75,36 @@ class BackgroundProcess:
         self.applied = hello.get("applied") or {}
         log.info("background job process %d started (%s)", self.proc.pid, self.applied)
 
+    def warm(self) -> list[wire.WarmModel]:
+        """``status``: the warm models of the process, marked as held by it (none once it is gone)."""
+        return list(self.models) if self.pid is not None else []
+
+    def unload(self, path: str) -> tuple[list[wire.WarmModel], int]:
+        """``models/unload``, on the job worker (so no background job runs): the process drops every warm
+        entry of the model at ``path`` and frees their memory; returns what went and its bytes."""
+        with self._lock:
+            if self.pid is None or self.sock is None:
+                return [], 0
+            try:
+                self._send({"type": "unload", "path": path})
+                while (message := self._receive(UNLOAD_TIMEOUT)) is not None:
+                    if message.get("type") == "models":
+                        self._set_models(message)
+                    elif message.get("type") == "unloaded":
+                        self._set_models(message)
+                        return ([msgspec.convert(m, wire.WarmModel) for m in message["unloaded"]],
+                                int(message["bytesFreed"]))
+                    elif not message:
+                        break  # no answer in time: the process is stuck or busy; leave it be
+            except OSError as exc:
+                log.warning("background job process: unload failed (%s)", exc)
+            return [], 0
+
+    def _set_models(self, message: dict[str, Any]) -> None:
+        self.models = [msgspec.convert(m, wire.WarmModel) for m in message.get("models") or []]
+
     def kill(self) -> None:
+        self.models = []
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -139,6 +174,8 @@ class BackgroundProcess:
             kind = message.get("type")
             if kind == "progress":
                 report(msgspec.convert(message["progress"], wire.Progress))
+            elif kind == "models":
+                self._set_models(message)
             elif kind == "paused":
                 if message["reason"] == "busy":
                     gate.pause("busy")  # so that a client's resume answers "paused" while yield holds it

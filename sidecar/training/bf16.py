@@ -80,16 +80,68 @@ def weight_copies(lm: Any, store: dict[str, Any]) -> list[tuple[torch.nn.Linear,
     kept in ``store`` (``kept_weights(loaded)``: the cache entry's shared state); a weight changed in
     place since (its version counter moved) is copied again. Keyed by the module's id: the Linear
     objects stay the same while peft wraps them."""
-    copies: dict[int, tuple[int, torch.Tensor]] = store.setdefault("bf16_weights", {})
+    modules = [module for _, module in _frozen_linears(lm)]
+    return list(zip(modules, _copies(modules, store)))
+
+
+def _copies(modules: list[torch.nn.Linear], store: dict[str, Any]) -> list[torch.Tensor]:
+    """The bf16 copies of ``modules``' weights, from ``store`` or made now. The store's dict is replaced
+    whole, never changed in place, so that ``status`` may count its bytes from another thread."""
+    copies: dict[int, tuple[int, torch.Tensor]] = dict(store.get("bf16_weights") or {})
     out = []
-    for _, module in _frozen_linears(lm):
+    for module in modules:
         w = module.weight
         have = copies.get(id(module))
         if have is None or have[0] != w._version:
             have = (w._version, w.detach().to(torch.bfloat16))
             copies[id(module)] = have
-        out.append((module, have[1]))
+        out.append(have[1])
+    store["bf16_weights"] = copies
     return out
+
+
+class _Patch:
+    """One ``bf16_matmuls`` in effect: the layers it routes and the store their copies are kept in."""
+
+    def __init__(self, store: dict[str, Any]) -> None:
+        self.store = store
+        self.modules: list[torch.nn.Linear] = []
+        self.released = False
+
+
+_ACTIVE: list[_Patch] = []
+"""The ``bf16_matmuls`` in effect in this process (a job's thread enters and leaves them; a pause
+with ``release`` drops and rebuilds their copies on that same thread)."""
+
+
+def release_copies() -> int:
+    """``pause {release}``: drop the bf16 weight copies of every patch in effect — the layers' references
+    and the model cache's — so that their memory can go back to the OS; returns their bytes. The job is
+    parked at a pause point then (no forward pass, no autograd graph holds a copy)."""
+    freed = 0
+    for patch in _ACTIVE:
+        if patch.released:
+            continue
+        copies = patch.store.pop("bf16_weights", None) or {}
+        freed += sum(t.numel() * t.element_size() for _, t in copies.values())
+        for module in patch.modules:
+            module._bf16_weight = None
+        patch.released = True
+    return freed
+
+
+def rebuild_copies() -> int:
+    """After a released pause, before the job goes on: the copies made again from the fp32 weights
+    (the same rounding, so the job computes exactly what it would have); returns how many."""
+    count = 0
+    for patch in _ACTIVE:
+        if not patch.released:
+            continue
+        for module, w16 in zip(patch.modules, _copies(patch.modules, patch.store)):
+            module._bf16_weight = w16
+            count += 1
+        patch.released = False
+    return count
 
 
 @contextlib.contextmanager
@@ -98,14 +150,17 @@ def bf16_matmuls(lm: Any, store: dict[str, Any]) -> Iterator[int]:
 
     The patch is an instance attribute on each layer, removed on the way out, whatever happened.
     """
-    patched: list[torch.nn.Linear] = []
+    patch = _Patch(store)
     try:
         for module, w16 in weight_copies(lm, store):
             module._bf16_weight = w16
             module.forward = types.MethodType(_forward, module)
-            patched.append(module)
-        yield len(patched)
+            patch.modules.append(module)
+        _ACTIVE.append(patch)
+        yield len(patch.modules)
     finally:
-        for module in patched:
+        if patch in _ACTIVE:
+            _ACTIVE.remove(patch)
+        for module in patch.modules:
             module.__dict__.pop("forward", None)
             module.__dict__.pop("_bf16_weight", None)

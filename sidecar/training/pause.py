@@ -10,7 +10,9 @@ A pause has reasons: ``client`` (``pause``) and ``busy`` (``yield``, training/yi
 runs only when no reason holds it. Hooks:
 
 - ``release_hook()`` → checkpoint ref or None: set by the training loop; called on the job's thread
-  before it parks when the pause asked for ``release`` (the loop writes the checkpoint there);
+  before it parks when the pause asked for ``release`` (the loop writes the checkpoint there). A
+  release then drops the bf16 weight copies (training/bf16.py) and frees memory (``free_memory``); the
+  copies are made again on the job's thread when it resumes, before it goes on;
 - ``on_paused(reason, released, checkpoint)`` / ``on_resumed()``: the job's owner (jobs.py, or the
   background process's serve loop) tells the client.
 
@@ -53,6 +55,7 @@ class PauseGate:
         released, checkpoint = False, None
         if release:
             checkpoint = self.release_hook() if self.release_hook is not None else None
+            _derived("release_copies")  # the bf16 weight copies (training/bf16.py), rebuilt on resume
             free_memory()
             released = True
         if self.on_paused is not None:
@@ -64,6 +67,8 @@ class PauseGate:
             self.parked = False
             self.release = False
             cancelled = self.cancelled
+        if released and not cancelled:
+            _derived("rebuild_copies")
         if not cancelled and self.on_resumed is not None:
             self.on_resumed()
         return cancelled
@@ -95,6 +100,15 @@ class PauseGate:
     def holds(self, reason: Optional[str] = None) -> bool:
         with self._cond:
             return bool(self.reasons) if reason is None else reason in self.reasons
+
+
+def _derived(action: str) -> None:
+    """Release or rebuild what the job derived from the base's weights: training/bf16.py's copies, when
+    that module is in use in this process (looked up, not imported: no torch here)."""
+    bf16 = sys.modules.get(__name__.rpartition(".")[0] + ".bf16")
+    if bf16 is not None:
+        result = getattr(bf16, action)()
+        log.info("pause: %s -> %s", action, result)
 
 
 def free_memory() -> None:

@@ -1,5 +1,6 @@
 """Where a job's adapter goes and how it gets there: the output target, the final metrics, the
-training manifest, and the write into ``<target>.tmp-<job>`` renamed into place.
+training manifest and the application's package files, and the write into ``<target>.tmp-<job>``
+renamed into place.
 
 ``temp_dir`` is the one place that names the temporary directory: the recipe writes into it, and the
 supervisor of a distributed job removes it when it stops a group mid-save. No torch here (the
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import msgspec
 
 from .. import PROTOCOL_VERSION, __version__, errors, library_versions, paths, procs, wire
+from ..adapters import package
 from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
 from . import checkpoint
 from .state import Base, Model, Prepared, RunState, TrainData
@@ -33,13 +35,16 @@ if TYPE_CHECKING:
 # ---------------------------------------------------------------------------------------------
 
 def resolve_output_dir(params: wire.TrainParams, job_id: str, now: float) -> Path:
-    """``outputPath``, or ``<adapters dir>/<name>-<UTC timestamp>``. An existing non-empty target
+    """``outputPath``, or ``<adapters dir>/<personaName>-<traitType>-<UTC timestamp>`` when both persona
+    fields are given, else ``<adapters dir>/<name>-<UTC timestamp>``. An existing non-empty target
     raises OutputExists (checked again just before the final rename)."""
     if params.output_path:
         target = Path(params.output_path).expanduser().absolute()
     else:
         stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = paths.adapters_dir().absolute() / f"{safe_name(params.name or 'adapter')}-{stamp}"
+        stem = (f"{params.persona_name}-{params.trait_type}" if params.persona_name and params.trait_type
+                else params.name or "adapter")
+        target = paths.adapters_dir().absolute() / f"{safe_name(stem)}-{stamp}"
         if target.exists():  # two jobs within one second: keep both
             target = target.with_name(f"{target.name}-{safe_name(job_id)}")
     check_target_free(target)
@@ -64,8 +69,8 @@ def temp_dir(target: Path, job_id: str) -> Path:
 def write_adapter(*, job: Prepared, base: Base, data: TrainData, model: Model, run: RunState,
                   ckpt: Checkpointer, world: World, adapter_state: Optional[dict[str, Any]],
                   received_at: float, started_wall: float, training_seconds: float) -> wire.TrainResult:
-    """Write the adapter, its tokenizer and the manifest into the temporary directory and rename it
-    to the target (removing the temporary directory on any failure); then the job's checkpoints go."""
+    """Write the adapter, its tokenizer, the manifest and the application's package files
+    (adapters/package.py) into the temporary directory and rename it to the target (removing the temporary directory on any failure); then the job's checkpoints go."""
     target = job.target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(target, job.job_id)
@@ -84,6 +89,8 @@ def write_adapter(*, job: Prepared, base: Base, data: TrainData, model: Model, r
                        adapter_file=adapter_file)
         doc.update(continuity(job=job, base=base, run=run, ckpt=ckpt))
         (tmp / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        package.write_package(tmp, package_info(job=job, base=base, run=run, metrics=metrics,
+                                                training_seconds=training_seconds))
         check_target_free(target)
         if target.is_dir():
             target.rmdir()  # an empty directory the caller created for us
@@ -135,6 +142,28 @@ def final_metrics(*, job: Prepared, base: Base, data: TrainData, run: RunState, 
         best_step=stopper.best_step if stopper is not None else None,
         stopped_early=ckpt.stopped_early,
     )
+
+
+def package_info(*, job: Prepared, base: Base, run: RunState, metrics: wire.TrainMetrics,
+                 training_seconds: float) -> package.PackageInfo:
+    """What the application's package files (adapters/package.py) say about this job's adapter. An
+    ``initFrom`` job is ``refined`` and takes the persona fields it lacks from the parent's manifest.json."""
+    p, loaded = job.params, base.loaded
+    persona = {"personaId": p.persona_id, "personaName": p.persona_name, "traitType": p.trait_type}
+    if p.init_from and None in persona.values():
+        inherited = package.inherited_persona([p.init_from])
+        persona = {k: v if v is not None else inherited[k] for k, v in persona.items()}
+    quantization = None
+    if p.quantize:
+        quantization = package.quantization_info(requested_bits=p.quantize_bits, loaded_bits=loaded.key.quantize_bits,
+                                                 compute_dtype=str(loaded.dtype).removeprefix("torch."))
+    return package.PackageInfo(
+        source="refined" if p.init_from else "trained", base_model=p.base_model, rank=p.rank,
+        persona_id=persona["personaId"], persona_name=persona["personaName"], trait_type=persona["traitType"],
+        fallback_name=p.name or job.target.name, epochs=metrics.epochs, final_loss=metrics.final_loss,
+        training_ms=metrics.training_time, train_runtime_s=training_seconds,
+        loss_history=[h["loss"] for h in run.history], examples_processed=metrics.examples_processed,
+        dataset_hash=f"sha256:{job.train_sha256}", quantization=quantization, created_at=time.time())
 
 
 def continuity(*, job: Prepared, base: Base, run: RunState, ckpt: Checkpointer) -> dict[str, Any]:

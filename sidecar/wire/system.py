@@ -68,6 +68,8 @@ class WarmModel(Wire, kw_only=True):
     total_bytes: int
     residents: list[str] = []
     """Ids of the resident adapters loaded on this base (their bytes: ``adapters``)."""
+    held_by: Literal["sidecar", "background"] = "sidecar"
+    """Whose cache keeps it: the sidecar's, or the background job process's (``priority: background``)."""
 
 
 class StatusParams(Wire, kw_only=True):

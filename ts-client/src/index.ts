@@ -17,15 +17,19 @@ export type { SidecarEnvironment } from "./env.js";
 export { DEFAULT_MAX_MESSAGE_BYTES, MessageParseError, MessageTooLargeError, ReadBuffer, serializeMessage } from "./framing.js";
 export { StdioTransport } from "./transport.js";
 export type { CloseOptions, TransportOptions } from "./transport.js";
-export { LoRATrainer } from "./trainer.js";
+export { LoRATrainer, PACKAGE_MANIFEST_FILE } from "./trainer.js";
 export type {
+  AdapterPackageManifest,
+  AdapterTrainingMetadata,
   FineTuningCapabilities,
   FineTuningStrategy,
   LoRATrainerOptions,
   LoRATrainingMetrics,
   LoRATrainingRequest,
   LoRATrainingResult,
+  QuantizationInfo,
   TrainLoRAOptions,
+  TrainingMetricsFile,
   TrainingDataset,
   TrainingExample,
   TrainingMessage,

@@ -11,6 +11,7 @@
 
 import { spawnSync } from "node:child_process";
 import { readFile } from "node:fs/promises";
+import { join } from "node:path";
 
 import { SidecarClient, type SidecarClientOptions, type TrainOptions } from "./client.js";
 import { findRepoRoot, resolveEnvironment, wrapperPath } from "./env.js";
@@ -75,14 +76,82 @@ export interface LoRATrainingMetrics {
   tokensPerSecond?: number;
 }
 
+/** QLoRA metadata of an adapter package (`quantization_info.json`, `manifest.quantization`). */
+export interface QuantizationInfo {
+  /** Whether the base model really was quantized during training (false where QLoRA was unavailable). */
+  enabled: boolean;
+  bits: 4 | 8;
+  type: "nf4" | "int4" | "int8" | "fp8";
+  doubleQuant: boolean;
+  /** The compute dtype used ("float32" when the base was not quantized on CPU). */
+  computeDtype: "bfloat16" | "float16" | (string & {});
+}
+
+/** `manifest.trainingMetadata` of an adapter package (the application's TrainingMetadata). */
+export interface AdapterTrainingMetadata {
+  /** Epochs the run covered (fractional with maxSteps); 0 for a composed adapter. */
+  epochs: number;
+  /** Loss of the last optimizer step; null for a composed adapter. */
+  loss: number | null;
+  performance?: number;
+  /** Milliseconds of training (of composing, for a composed adapter). */
+  trainingDuration: number;
+  /** "sha256:" + the sha256 of the training examples. */
+  datasetHash?: string;
+  /** The loss of every optimizer step, in order. */
+  lossHistory?: number[];
+  /** Examples the trainer went through, repeats over epochs counted. */
+  examplesProcessed?: number;
+}
+
+/** The application's adapter package manifest: `manifest.json` in every adapter directory. */
+export interface AdapterPackageManifest {
+  /** A UUID, new for every adapter. */
+  id: string;
+  /** "{persona slug}-{traitType}" (the output folder's name, or the request's name, without them). */
+  name: string;
+  traitType: string;
+  source: "trained" | "refined" | "composed" | "downloaded" | "inherited" | "system";
+  baseModel: string;
+  rank: number;
+  /** Bytes of the adapter directory (manifest.json excluded) in MiB, 2 decimals. */
+  sizeMB: number;
+  personaId: string;
+  personaName: string;
+  trainingMetadata: AdapterTrainingMetadata;
+  /** "sha256:" + the hex sha256 of adapter_model.safetensors. */
+  contentHash?: string;
+  /** ISO 8601. */
+  createdAt: string;
+  version: number;
+  quantization?: QuantizationInfo;
+}
+
+/** `training_metrics.json` in every adapter directory. */
+export interface TrainingMetricsFile {
+  finalLoss: number | null;
+  lossHistory: number[];
+  /** Seconds. */
+  trainRuntime: number;
+  examplesProcessed: number;
+}
+
+export const PACKAGE_MANIFEST_FILE = "manifest.json";
+
 export interface LoRATrainingResult {
   success: boolean;
-  /** The adapter directory (adapter_config.json, adapter_model.safetensors, manifest). */
+  /** The adapter directory (adapter_config.json, adapter_model.safetensors, manifest.json, ...). */
   modelPath?: string;
+  /** The adapter package's id (`manifest.id`, a UUID). */
+  modelId?: string;
+  trainedModelName?: string;
   metrics?: LoRATrainingMetrics;
-  /** The adapter's manifest (parsed from `manifestPath`). */
-  manifest?: Record<string, unknown>;
+  /** The adapter package manifest (parsed from `manifestPath`, the directory's `manifest.json`). */
+  manifest?: AdapterPackageManifest;
+  /** `<modelPath>/manifest.json`. */
   manifestPath?: string;
+  /** `<modelPath>/training_manifest.json`: the sidecar's full record of the job. */
+  trainingManifestPath?: string;
   jobId?: string;
   warnings?: string[];
   error?: string;
@@ -200,18 +269,21 @@ export class LoRATrainer {
       return failure(err);
     }
     const warnings = [...result.warnings];
-    let manifest: Record<string, unknown> | undefined;
+    const manifestPath = join(result.adapterPath, PACKAGE_MANIFEST_FILE);
+    let manifest: AdapterPackageManifest | undefined;
     try {
-      manifest = JSON.parse(await readFile(result.manifestPath, "utf8")) as Record<string, unknown>;
+      manifest = JSON.parse(await readFile(manifestPath, "utf8")) as AdapterPackageManifest;
     } catch (err) {
-      warnings.push(`Could not read the manifest ${result.manifestPath}: ${(err as Error).message}`);
+      warnings.push(`Could not read the adapter package manifest ${manifestPath}: ${(err as Error).message}`);
     }
     const m = result.metrics;
     return {
       success: true,
       modelPath: result.adapterPath,
+      ...(manifest ? { modelId: manifest.id } : {}),
       manifest,
-      manifestPath: result.manifestPath,
+      manifestPath,
+      trainingManifestPath: result.manifestPath,
       jobId: result.jobId,
       warnings,
       metrics: {

@@ -938,6 +938,8 @@ export interface WarmModel {
   totalBytes: number;
   /** @default [] */
   residents: string[];
+  /** @default "sidecar" */
+  heldBy: "background" | "sidecar";
 }
 
 /**
