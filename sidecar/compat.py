@@ -3,7 +3,9 @@
 ``lora-sidecar train --config config.json --output DIR`` reads the old keys (``baseModel``,
 ``datasetPath``, ``rank``, ``alpha``, ``epochs``, ``learningRate``, ``batchSize``, ``outputDir``,
 ``quantize``, ``quantizeBits``), runs the same engine as the sidecar, writes the same outputs, logs
-progress on stderr and ends stdout with ``Final loss: X.XXXX``. Any other key that is a ``train``
+progress on stderr and prints on stdout the application's step-bridge lines (JSON step and checkpoint
+events, ``MEMORY_REPORT:`` lines; sidecar/compat_events.py), ending with ``Final loss: X.XXXX``; Python
+writes to ``sys.stdout`` during the job go to stderr. Any other key that is a ``train``
 parameter (camelCase, e.g. ``maxSeqLength``) is honoured too; unknown keys are reported and ignored.
 Exit code 0 on success, 1 on any error (message on stderr), 130 when interrupted.
 """
@@ -96,6 +98,7 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
         stop.set()
 
     previous = signal.signal(signal.SIGINT, interrupt) if threading.current_thread() is threading.main_thread() else None
+    out, sys.stdout = sys.stdout, sys.stderr  # stdout carries the event lines only
     try:
         path = Path(config_path).expanduser()
         params, ignored = params_from_config(_read_config(path, config_path), output_dir=output_dir,
@@ -103,15 +106,20 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
         if ignored:
             print(f"Ignoring unknown config keys: {', '.join(sorted(ignored))}", file=sys.stderr, flush=True)
 
+        from .compat_events import EventLines
         from .models import ModelCache
+        from .models.devices import select_device
         from .training import train
         from .training.checks import check_request
+        from .training.state import memory_now
 
         params = check_request(params)  # this command is its own door: the server's checks, once
         job_id = params.job_id or f"train-{uuid.uuid4().hex[:12]}"
         last = {"line": None, "at": 0.0}
+        events = EventLines(out, select_device(params.device))
 
         def report(p: wire.Progress) -> None:
+            events.progress(p)
             line = _progress_line(p)
             now = time.monotonic()
             # Every step on a tiny run, at most ~4 lines a second on a fast one; phase changes always.
@@ -129,7 +137,7 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
               f"train loss: {m.train_loss:.4f}" + (f", validation loss: {m.validation_loss:.4f}"
                                                    if m.validation_loss is not None else ""), file=sys.stderr)
         sys.stderr.flush()
-        print(f"Final loss: {m.final_loss:.4f}", flush=True)
+        events.final(m.final_loss, memory_now())
         return 0
     except errors.RequestCancelled:
         print("Training cancelled; no adapter was written", file=sys.stderr, flush=True)
@@ -142,5 +150,6 @@ def run_config(config_path: str, output_dir: Optional[str] = None) -> int:
         print(f"Error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        sys.stdout = out
         if previous is not None:
             signal.signal(signal.SIGINT, previous)

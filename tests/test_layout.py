@@ -49,6 +49,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "sidecar.journal": ABOVE_ENGINE + ("sidecar.training", "sidecar.adapters", "sidecar.models"),
     "sidecar.jobdir": ABOVE_ENGINE + ("sidecar.training", "sidecar.adapters", "sidecar.models",
                                       "sidecar.journal"),
+    "sidecar.compat_events": ABOVE_ENGINE + ("sidecar.training", "sidecar.adapters", "sidecar.models"),
     "sidecar.rpc": ("sidecar.server", "sidecar.app", "sidecar.methods", "sidecar.cli"),
     "sidecar.methods": ("sidecar.server", "sidecar.cli"),
     "sidecar.app": ("sidecar.server", "sidecar.methods", "sidecar.cli"),
@@ -59,7 +60,8 @@ NO_TORCH_AT_IMPORT = ["sidecar.wire", "sidecar.errors", "sidecar.stdio", "sideca
                       "sidecar.app", "sidecar.methods", "sidecar.jobs", "sidecar.journal", "sidecar.jobdir",
                       "sidecar.procs", "sidecar.files", "sidecar.paths", "sidecar.housekeeping",
                       "sidecar.drain", "sidecar.datasets", "sidecar.chat", "sidecar.batching",
-                      "sidecar.training.checks", "sidecar.training.distributed", "sidecar.adapters.package"]
+                      "sidecar.training.checks", "sidecar.training.distributed", "sidecar.adapters.package",
+                      "sidecar.compat_events"]
 HEAVY = ("torch", "transformers", "peft")
 
 
