@@ -28,7 +28,6 @@ Stock PEFT reloads these on ``AutoModelForCausalLM`` of the same checkpoint. It 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests import archmodels
+from tests.handmerge import assert_same_answer, max_diff, own_logprobs
 from tests.sidecar_proc import Sidecar, chat_dataset
 
 ARCHS = archmodels.ARCHS
@@ -168,46 +168,6 @@ def step_gap(got: dict, want: dict, steps: int = 6) -> tuple[float, float]:
 def ask(proc: Sidecar, model: Path, question: str = QUESTIONS[0], tokens: int = 8, **extra) -> dict:
     return call(proc, "generate", {"baseModel": str(model), "messages": [{"role": "user", "content": question}],
                                    "maxNewTokens": tokens, "logprobs": True, **extra})
-
-
-def max_diff(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b), (len(a), len(b))
-    return max((abs(x - y) for x, y in zip(a, b)), default=0.0)
-
-
-def assert_same_answer(batched: dict, single: dict, tol: float = STACK_TOL) -> None:
-    """Token for token, logprobs within ``tol``; a divergence only at a near tie (test_genome's rule)."""
-    for t, (x, y) in enumerate(zip(batched["tokenIds"], single["tokenIds"])):
-        assert abs(batched["logprobs"][t] - single["logprobs"][t]) < tol, (t, batched, single)
-        if x != y:
-            return
-    assert batched["tokenIds"] == single["tokenIds"], (batched, single)
-
-
-def own_logprobs(model_dir: Path, stack: list[tuple[Path, float]], question: str, token_ids: list[int]) -> list[float]:
-    """Log-probabilities of ``token_ids`` after ``question`` under W + Σ scale·c·B·A merged by hand into a
-    copy of the base (c = α/r, or α/√r for rsLoRA): plain torch and safetensors, no PEFT."""
-    import torch
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        for adapter, scale in stack:
-            config = json.loads((Path(adapter) / "adapter_config.json").read_text())
-            c = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-            tensors = load_file(str(Path(adapter) / "adapter_model.safetensors"))
-            for key, a in tensors.items():
-                if key.endswith(".lora_A.weight"):
-                    b = tensors[key.replace(".lora_A.", ".lora_B.")]
-                    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                    model.get_submodule(module).weight += scale * c * (b @ a)
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
-    prompt = tok(text, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt + token_ids])).logits[0, len(prompt) - 1:-1]
-    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
 
 
 # ---------------------------------------------------------------------------------------------
