@@ -135,11 +135,14 @@ def trainable_tensors(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-def write(job_dir: Path, *, step: int, state: dict[str, Any], model: Any, optimizer: Any,
-          rng: dict[str, Any], keep: int, protect: Iterable[str] = ()) -> wire.CheckpointRef:
+def write(job_dir: Path, *, step: int, state: dict[str, Any], weights: dict[str, Any],
+          optimizer_state: dict[str, Any], rng: dict[str, Any], keep: int,
+          protect: Iterable[str] = ()) -> wire.CheckpointRef:
     """Write the checkpoint of ``step`` atomically, then prune to the newest ``keep`` (and ``protect``).
 
-    ``state`` is the loop's JSON-able state (step, data position, totals, histories, fingerprints).
+    ``state`` is the loop's JSON-able state (step, data position, totals, histories, fingerprints);
+    ``weights`` the LoRA tensors by parameter name and ``optimizer_state`` the optimizer's indexed
+    state dict, whole (``World.training_state``); ``rng`` the generator states (``World.gather_rng``).
     An existing checkpoint of the same step (a resumed run passing it again) is replaced.
     """
     import torch
@@ -159,8 +162,7 @@ def write(job_dir: Path, *, step: int, state: dict[str, Any], model: Any, optimi
         return buf.getvalue()
 
     try:
-        weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_tensors(model).items()}
-        files = {WEIGHTS_FILE: save_safetensors(weights), OPTIMIZER_FILE: blob(optimizer.state_dict()),
+        files = {WEIGHTS_FILE: save_safetensors(weights), OPTIMIZER_FILE: blob(optimizer_state),
                  RNG_FILE: blob(rng)}
         meta: dict[str, dict[str, Any]] = {}
         for i, (name, content) in enumerate(files.items()):
@@ -195,34 +197,44 @@ def _write_durable(path: Path, content: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def load_weights(model: Any, path: Path) -> None:
-    """Copy the checkpoint's trainable tensors into ``model`` (names and shapes must match exactly)."""
-    import torch
+def read_weights(path: Path) -> dict[str, Any]:
+    """The checkpoint's LoRA tensors by parameter name."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(path) / WEIGHTS_FILE))
-    params = trainable_tensors(model)
+    return load_file(str(Path(path) / WEIGHTS_FILE))
+
+
+def read_training(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(weights, optimizer state, RNG states) of the checkpoint at ``path`` (``World.load_training_state``
+    puts the first two into a model; the RNG states go back right before the first step that follows)."""
+    import torch
+
+    try:
+        return (read_weights(path), torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=True),
+                torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=True))
+    except (ValueError, RuntimeError, KeyError, OSError) as exc:
+        raise errors.CheckpointInvalid(f"Checkpoint {path} cannot be read: {exc}", path=str(path)) from exc
+
+
+def check_weights(params: dict[str, Any], saved: dict[str, Any], path: Any) -> None:
+    """CheckpointInvalid unless ``saved`` holds exactly the job's LoRA tensors, each of its shape."""
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
         raise errors.CheckpointInvalid(
             f"Checkpoint {path} does not fit this job's LoRA layers (missing {missing[:3]}, unexpected {extra[:3]})",
             path=str(path))
-    with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise errors.CheckpointInvalid(f"Checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
-                                               f"the job's layer {tuple(p.shape)}", path=str(path))
-            p.copy_(saved[name])
+    for name, p in params.items():
+        if tuple(saved[name].shape) != tuple(p.shape):
+            raise errors.CheckpointInvalid(f"Checkpoint {path}: {name} has shape {tuple(saved[name].shape)}, "
+                                           f"the job's layer {tuple(p.shape)}", path=str(path))
 
 
-def load_training(model: Any, optimizer: Any, path: Path) -> dict[str, Any]:
-    """Restore weights and optimizer state from the checkpoint at ``path``; returns its RNG states
-    (restore them with ``restore_rng`` right before the first step that follows)."""
+def copy_weights(model: Any, saved: dict[str, Any], path: Any = "") -> None:
+    """Copy whole LoRA tensors into ``model``'s trainable parameters (names and shapes must match)."""
     import torch
 
-    load_weights(model, path)
-    try:
-        optimizer.load_state_dict(torch.load(Path(path) / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
-        return torch.load(Path(path) / RNG_FILE, map_location="cpu", weights_only=True)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise errors.CheckpointInvalid(f"Checkpoint {path} cannot be restored: {exc}", path=str(path)) from exc
+    params = trainable_tensors(model)
+    check_weights(params, saved, path)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])

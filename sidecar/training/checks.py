@@ -58,12 +58,6 @@ def check_distributed(params: wire.TrainParams, strategy: str) -> None:
     """What a distributed job cannot do, refused before any process starts."""
     if params.device == "mps":
         raise errors.Unsupported("Distributed training runs on cpu or cuda, not mps", field="$.device")
-    for field, value in (("resumeFrom", params.resume_from), ("initFrom", params.init_from),
-                         ("earlyStopping", params.early_stopping)):
-        # Checkpoints (what resuming and early stopping rest on) are written by single-process jobs only.
-        if value is not None:
-            raise errors.Unsupported(f"{field} is not supported for distributed jobs yet (they write no "
-                                     "checkpoints); run the job without `distributed`", field=f"$.{field}")
     if strategy == "fsdp" and params.quantize:
         # PEFT's FSDP + QLoRA recipe needs the 4-bit weights packed in a float storage type
         # (bnb_4bit_quant_storage) at load; the model loader does not do that (docs/SCALING.md).

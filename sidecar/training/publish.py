@@ -101,8 +101,7 @@ def write_adapter(*, job: Prepared, base: Base, data: TrainData, model: Model, r
     # The adapter is the result now: its checkpoints go. params.json stays until the journal has
     # recorded the completion (it then removes the directory), so a crash in between is still
     # recognised as completed at the next start (it names the output path).
-    if job.keeps_checkpoints:
-        checkpoint.clear(job.job_dir)
+    checkpoint.clear(job.job_dir)
     run.send("saving", message=f"Adapter written to {target}")
     return wire.TrainResult(job_id=job.job_id, adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE),
                             metrics=metrics, warnings=job.warnings)

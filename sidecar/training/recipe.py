@@ -51,8 +51,8 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
     base model is left as it was.
 
     ``world``: a rank of a worker group (training/world.py) runs the same loop on its share of each
-    step; only the main rank writes the adapter and returns the result (the others return None).
-    Distributed jobs write no checkpoints.
+    step; only the main rank writes the adapter, its checkpoints and params, and returns the result
+    (the others return None).
     """
     started_wall = time.time()
     run = RunState(job_id, report, time.monotonic())
@@ -74,9 +74,9 @@ def train(params: wire.TrainParams, *, job_id: str, models: Any, report: Callabl
             peft_model = setup.attach(base, job.params)
             model = setup.setup_model(peft_model, job, base, world, patches)
             optimizer = setup.setup_optimizer(model, job.params, device, world)
-            stopper, rng_state = setup.restore(job, model, optimizer, run, device)
+            stopper, rng_state = setup.restore(job, model, optimizer, run, device, world)
             stop.poll()
-            ckpt = Checkpointer(job, base, run, model=peft_model, optimizer=optimizer, stopper=stopper)
+            ckpt = Checkpointer(job, base, run, model=peft_model, optimizer=optimizer, stopper=stopper, world=world)
             stop.on_cancel = ckpt.checkpoint_on_cancel
 
             run.send("training")

@@ -49,13 +49,25 @@ _LORA_SHAPE = ("rank", "alpha", "target_modules", "use_rslora", "use_dora")
 
 
 def result_params(params: wire.TrainParams) -> dict[str, Any]:
-    """The result-affecting fields of ``params`` as JSON values (wire names), stored in each checkpoint."""
-    return {_WIRE_NAME[f]: msgspec.to_builtins(getattr(params, f)) for f in RESULT_FIELDS}
+    """The result-affecting fields of ``params`` as JSON values (wire names), stored in each checkpoint,
+    with ``processes``: how many processes share each step (1 without ``distributed``)."""
+    processes = params.distributed.processes if params.distributed is not None else 1
+    return {**{_WIRE_NAME[f]: msgspec.to_builtins(getattr(params, f)) for f in RESULT_FIELDS}, "processes": processes}
 
 
 def differences(stored: dict[str, Any], params: wire.TrainParams) -> list[dict[str, Any]]:
+    """The result-affecting differences between a stored job's params and ``params``. The number of
+    processes may change when the global batch (``batchSize × processes``) stays: each step then takes
+    the same examples (docs/SCALING.md); a checkpoint from before ``processes`` was stored had one."""
     now = result_params(params)
-    return [{"field": k, "checkpoint": stored.get(k), "request": now[k]} for k in now if stored.get(k) != now[k]]
+    differs = [{"field": k, "checkpoint": stored.get(k), "request": now[k]} for k in now
+               if k not in ("batchSize", "processes") and stored.get(k) != now[k]]
+    theirs = (stored.get("batchSize"), stored.get("processes", 1))
+    mine = (now["batchSize"], now["processes"])
+    if theirs != mine and theirs[0] * theirs[1] != mine[0] * mine[1]:
+        differs.append({"field": "global batch (batchSize × processes)", "checkpoint": theirs[0] * theirs[1],
+                        "request": mine[0] * mine[1]})
+    return differs
 
 
 def mismatch(job: str, differs: list[dict[str, Any]]) -> errors.ResumeMismatch:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import msgspec
 import torch
 
-from .. import data, paths, wire
+from .. import data, errors, paths, wire
 from ..adapters.surgery import attach_lora
 from . import bf16, checkpoint, fastlora, publish, resume
 from .early_stop import EarlyStopper
@@ -40,10 +40,9 @@ CPU_MICRO_BATCH_TOKENS = 512
 def prepare(params: wire.TrainParams, *, job_id: str, world: World, now: float) -> Prepared:
     """Everything that can fail before a model is loaded: checkpoint and parent adapter, dataset,
     output target. Clears an earlier job's checkpoints under the same id and saves ``params.json``."""
-    # Distributed jobs keep no checkpoints and no params for resuming (docs/SCALING.md); the door
-    # refuses resumeFrom, initFrom and earlyStopping for them.
-    keeps = world.size == 1
-    cadence = checkpoint.Cadence.of(params) if keeps else checkpoint.Cadence(0, 0.0, params.keep_checkpoints)
+    # In a worker group the main rank alone writes to the job directory (params, checkpoints); every
+    # rank reads the resume point.
+    cadence = checkpoint.Cadence.of(params)
     job_dir = paths.job_dir(job_id)
     _assert_checked(params)
     resume_path, resume_state = resume.resume_point(params)  # the checkpoint the door located
@@ -58,14 +57,15 @@ def prepare(params: wire.TrainParams, *, job_id: str, world: World, now: float) 
         resume.check_resume(resume_state, params, job_id=job_id, train_sha256=train_sha, validation_sha256=val_sha)
     target = publish.resolve_output_dir(params, job_id, now)
     warnings: list[str] = []
-    if keeps and (resume_path is None or resume_path.parent.resolve() != job_dir.resolve()):
+    owner = world.is_main
+    if owner and (resume_path is None or resume_path.parent.resolve() != job_dir.resolve()):
         checkpoint.clear(job_dir)  # an earlier job's checkpoints under the same id are not this job's
     try:  # what `resumeFrom: <jobId>` continues with, even before the first checkpoint
-        if keeps:
+        if owner:
             checkpoint.save_params(job_dir, job_id, msgspec.structs.replace(params, output_path=str(target)))
     except OSError as exc:
         warnings.append(f"The job's params could not be saved in {job_dir} ({exc}); it cannot be resumed.")
-    return Prepared(job_id=job_id, params=params, target=target, job_dir=job_dir, keeps_checkpoints=keeps,
+    return Prepared(job_id=job_id, params=params, target=target, job_dir=job_dir,
                     cadence=cadence, sources=sources, train_sha256=train_sha, validation_sha256=val_sha,
                     resume_path=resume_path, resume_state=resume_state, parent=parent, warnings=warnings)
 
@@ -170,17 +170,29 @@ def setup_optimizer(model: Model, params: wire.TrainParams, device: str, world: 
                              fused=device.startswith("cuda") or (device == "cpu" and world.size == 1) or None)
 
 
-def restore(job: Prepared, model: Model, optimizer: Any, run: RunState,
-            device: str) -> tuple[Optional[EarlyStopper], Optional[dict[str, Any]]]:
+def restore(job: Prepared, model: Model, optimizer: Any, run: RunState, device: str,
+            world: World) -> tuple[Optional[EarlyStopper], Optional[dict[str, Any]]]:
     """Early stopping's bookkeeping, and on ``resumeFrom`` the checkpoint's weights, optimizer state,
-    totals and position. Returns (early stopper or None, the checkpoint's RNG states or None)."""
+    totals and position — whichever world wrote it. Returns (early stopper or None, the RNG states
+    this rank restores right before the next step, or None)."""
     p, state = job.params, job.resume_state
     stopper = None
     if p.early_stopping is not None:
         stopper = EarlyStopper(p.early_stopping.patience, p.early_stopping.min_delta)
     if state is None:
         return stopper, None
-    rng_state = checkpoint.load_training(model.peft_model, optimizer, job.resume_path)
+    weights, optimizer_state, saved_rng = checkpoint.read_training(job.resume_path)
+    try:
+        world.load_training_state(model.peft_model, optimizer, weights, optimizer_state, job.resume_path)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        raise errors.CheckpointInvalid(f"Checkpoint {job.resume_path} cannot be restored: {exc}",
+                                       path=str(job.resume_path)) from exc
+    rng_state, notes = world.rng_for_rank(saved_rng, p.dropout)
+    job.warnings += notes
+    written_by = (state.get("world") or {}).get("processes", 1)
+    if written_by != world.size:
+        job.warnings.append(f"Resumed on {world.size} process(es); the checkpoint was written by {written_by}: "
+                            "the same examples make each step, summed in another order (float rounding).")
     run.restore(state["loop"])
     if stopper is not None and state.get("earlyStopping"):
         stopper = EarlyStopper.from_dict(state["earlyStopping"])

@@ -36,8 +36,7 @@ class Prepared:
     params: wire.TrainParams
     target: Path  # where the adapter goes (free, or an empty directory)
     job_dir: Path
-    keeps_checkpoints: bool  # single-process jobs only: distributed ones write none (docs/SCALING.md)
-    cadence: Cadence  # when checkpoints are written (never, for a distributed job)
+    cadence: Cadence  # when checkpoints are written (by the main rank, in a worker group)
     sources: data.LoadedData
     train_sha256: str
     validation_sha256: Optional[str]

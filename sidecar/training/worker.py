@@ -158,8 +158,13 @@ def train_in_process_group(params: Any, *, strategy: str = "ddp", device: Option
 
         torch.cuda.set_device(torch.device(device))
     job_id = params.job_id or f"train-{time.strftime('%Y%m%d-%H%M%S')}"
-    return run_job(params, job_id=job_id, received_at=time.time(), world=DistributedWorld(strategy, device=device),
-                   models=models or ModelCache(), report=report)
+    result = run_job(params, job_id=job_id, received_at=time.time(), world=DistributedWorld(strategy, device=device),
+                     models=models or ModelCache(), report=report)
+    if result is not None:  # no journal keeps this job: its directory (params.json) goes with success
+        from .. import jobdir, paths
+
+        jobdir.discard_job_dir(paths.job_dir(job_id))
+    return result
 
 
 def run_once(path: str, result_path: Optional[str], strategy: str, device: str) -> int:

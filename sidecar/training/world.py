@@ -83,6 +83,51 @@ class World:
         """The adapter's weights for ``save_pretrained(state_dict=...)``; None: let peft read them."""
         return None
 
+    # --- checkpoints (training/checkpointer.py): every rank calls these at the same point ----------
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is true on any: one decision for the whole group."""
+        return flag
+
+    def main_value(self, value: float) -> float:
+        """The main rank's ``value`` on every rank (validation loss: one early-stopping decision)."""
+        return value
+
+    def training_state(self, peft_model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(LoRA weights by parameter name, optimizer state_dict in torch's indexed form), whole, on
+        the main rank; the same form in every world, so a checkpoint resumes on another one."""
+        from .checkpoint import trainable_tensors
+
+        weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_tensors(peft_model).items()}
+        return weights, optimizer.state_dict()
+
+    def load_training_state(self, peft_model: Any, optimizer: Any, weights: dict[str, Any],
+                            optimizer_state: Optional[dict[str, Any]], path: Any) -> None:
+        """Put the whole weights (and optimizer state, unless None) of the checkpoint at ``path`` into
+        this rank's model; CheckpointInvalid when they do not fit it."""
+        from .checkpoint import copy_weights
+
+        copy_weights(peft_model, weights, path)
+        if optimizer_state is not None:
+            with _own_kernels(optimizer):
+                optimizer.load_state_dict(optimizer_state)
+
+    def gather_rng(self, rng: dict[str, Any]) -> dict[str, Any]:
+        """The generator states to checkpoint: this process's, or every rank's (``{"ranks": [...]}``)."""
+        return rng
+
+    def rng_for_rank(self, saved: dict[str, Any], dropout: float) -> tuple[dict[str, Any], list[str]]:
+        """(the states this rank restores, warnings) from a checkpoint written by any world."""
+        if "ranks" not in saved:
+            return saved, []
+        ranks = saved["ranks"]
+        if len(ranks) == self.size:
+            return ranks[self.rank], []
+        notes = [f"The checkpoint was written by {len(ranks)} processes and resumes on {self.size}: every "
+                 "process takes rank 0's generator states, so dropout masks after the resume differ from "
+                 "the uninterrupted run."] if dropout > 0 else []
+        return ranks[0], notes
+
     def reset(self) -> None:
         """Forget the job's wrapped model (called after each job)."""
 
@@ -176,11 +221,69 @@ class DistributedWorld(World):
     def adapter_state(self, peft_model: Any) -> Optional[dict[str, Any]]:
         if self._fsdp is None:
             return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         # A collective: every rank takes part, rank 0 gets the full (unsharded) LoRA weights.
-        return get_model_state_dict(peft_model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        return get_model_state_dict(peft_model, options=self._full_options())
+
+    def agree(self, flag: bool) -> bool:
+        import torch
+
+        t = torch.tensor([float(flag)], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def main_value(self, value: float) -> float:
+        import torch
+
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        self.dist.broadcast(t, src=0)
+        return float(t.item())
+
+    def training_state(self, peft_model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        if self._fsdp is None:  # DDP: every rank holds the same whole weights and optimizer state
+            return super().training_state(peft_model, optimizer)
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        # Collectives: the shards gathered whole (on rank 0, on the CPU) by torch's distributed
+        # checkpoint API, then the optimizer state put in the indexed form a single process saves.
+        options = self._full_options()
+        weights = get_model_state_dict(peft_model, options=options)
+        keyed = get_optimizer_state_dict(peft_model, optimizer, options=options)
+        if not self.is_main:  # cpu_offload: the whole state lands on rank 0 only
+            return {}, {}
+        names = _trainable_names(peft_model)
+        # ignore_frozen_params still lets a tied frozen weight through (lm_head tied to the embeddings).
+        return {n: weights[n] for n in names}, _indexed(keyed, names)
+
+    def load_training_state(self, peft_model: Any, optimizer: Any, weights: dict[str, Any],
+                            optimizer_state: Optional[dict[str, Any]], path: Any) -> None:
+        if self._fsdp is None:
+            return super().load_training_state(peft_model, optimizer, weights, optimizer_state, path)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        from .checkpoint import check_weights
+
+        # Every rank read the same whole state; each keeps its own shards of it. Only the LoRA weights
+        # are in it (the frozen base is not), hence strict=False after checking them by name and shape.
+        names = _trainable_names(peft_model)
+        check_weights({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, weights, path)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(peft_model, weights, options=options)
+        if optimizer_state is not None:
+            with _own_kernels(optimizer):
+                set_optimizer_state_dict(peft_model, optimizer, _keyed(optimizer_state, names), options=options)
+
+    def gather_rng(self, rng: dict[str, Any]) -> dict[str, Any]:
+        ranks: list[Any] = [None] * self.size
+        self.dist.all_gather_object(ranks, rng)
+        return {"ranks": ranks}
+
+    def _full_options(self) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 
     def reset(self) -> None:
         self._ddp = self._fsdp = None
@@ -188,3 +291,32 @@ class DistributedWorld(World):
     def describe(self) -> Optional[dict[str, Any]]:
         return {"processes": self.size, "strategy": self.strategy,
                 "backend": self.dist.get_backend(), "device": self.device}
+
+
+def _trainable_names(peft_model: Any) -> list[str]:
+    """The trainable parameters' names in the optimizer's order (setup.setup_optimizer's list)."""
+    return [n for n, p in peft_model.named_parameters() if p.requires_grad]
+
+
+def _indexed(keyed: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's form) in
+    ``optimizer.state_dict()``'s form, where parameters are numbered in the optimizer's order."""
+    index = {n: i for i, n in enumerate(names)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in keyed["param_groups"]]
+    return {"state": {index[n]: s for n, s in keyed["state"].items()}, "param_groups": groups}
+
+
+def _keyed(indexed: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of ``_indexed``."""
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]
+    return {"state": {names[int(i)]: s for i, s in indexed["state"].items()}, "param_groups": groups}
+
+
+@contextlib.contextmanager
+def _own_kernels(optimizer: Any) -> Any:
+    """Loading a state dict also loads its param groups' kernel choices (``fused``: a single process
+    on CPU, not a worker group's DTensors); the optimizer keeps its own."""
+    kept = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+    yield
+    for group, flags in zip(optimizer.param_groups, kept):
+        group.update(flags)
