@@ -56,6 +56,25 @@ def max_difference(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def assert_single_process_adapter(out: Path, reference: Path, sidecar, model: Path, tmp_path: Path, what: str) -> None:
+    """``out`` is the single-process adapter ``reference`` (batchSize 4) within TOLERANCE, its B moved
+    well beyond it, and the same comparison fails for the single-process job at twice the learning
+    rate (planted: what ranks summing their gradients instead of averaging would give under SGD)."""
+    diff = max_difference(adapter(out), adapter(reference))
+    print(f"{what} vs 1 process: max |diff| = {diff:.3g}")
+    assert diff <= TOLERANCE
+    assert max(t.abs().max().item() for k, t in adapter(out).items() if "lora_B" in k) > 10 * TOLERANCE
+    planted = tmp_path / "planted"
+    response = sidecar.call("train", {"baseModel": str(model), "outputPath": str(planted), **JOB, "batchSize": 4,
+                                      "learningRate": 4e-4, "jobId": "planted"}, timeout=300)
+    assert "result" in response, response
+    reference_lr = json.loads((reference / "training_manifest.json").read_text())["hyperparameters"]["learningRate"]
+    assert reference_lr != 4e-4
+    planted_diff = max_difference(adapter(out), adapter(planted))
+    print(f"{what} vs 1 process at twice the learning rate: max |diff| = {planted_diff:.3g}")
+    assert planted_diff > 10 * TOLERANCE
+
+
 def group_pids(proc: Sidecar) -> tuple[int, list[int]]:
     """Launcher and worker pids of the group the latest job ran on (from the sidecar's log)."""
     found = re.findall(r"launcher pid (\d+), worker pids (\{.*?\})", proc.stderr())

@@ -128,7 +128,8 @@ def _log_step(run: RunState, d: TrainData, *, loss_sum: float, tokens: int, labe
         raise errors.TrainingFailed(f"The loss became {loss_sum} at step {run.step + 1}; lower learningRate",
                                     jobId=run.job_id, stepsCompleted=run.step)
     run.step += 1
-    run.train_seconds += time.monotonic() - started
+    seconds = time.monotonic() - started
+    run.train_seconds += seconds
     run.tokens += tokens
     run.epoch = run.micro_done / d.micro_per_epoch
     run.loss, run.lr = loss_sum / labels, lr
@@ -139,6 +140,7 @@ def _log_step(run: RunState, d: TrainData, *, loss_sum: float, tokens: int, labe
         run.first_step_at = time.time()
     run.history.append({"step": run.step, "epoch": round(run.epoch, 4), "loss": run.loss,
                         "learningRate": lr, "tokens": tokens, "labelTokens": labels})
+    run.record_step(tokens=tokens, seconds=seconds)
     run.send("training")
 
 

@@ -22,7 +22,7 @@ import msgspec
 from .. import PROTOCOL_VERSION, __version__, errors, library_versions, paths, procs, wire
 from ..adapters import package
 from ..files import ADAPTER_FILE, MANIFEST_FILE, safe_name, sha256_file, utc_iso
-from . import checkpoint
+from . import checkpoint, tensorboard
 from .state import Base, Model, Prepared, RunState, TrainData
 
 if TYPE_CHECKING:
@@ -82,12 +82,14 @@ def write_adapter(*, job: Prepared, base: Base, data: TrainData, model: Model, r
         adapter_file = tmp / ADAPTER_FILE
         if not adapter_file.is_file():
             raise errors.TrainingFailed(f"peft did not write {ADAPTER_FILE}", path=str(tmp))
+        events = _write_events(job, run, tmp)  # before the package files: sizeMB counts them
         metrics = final_metrics(job=job, base=base, data=data, run=run, ckpt=ckpt, received_at=received_at,
                                 training_seconds=training_seconds)
         doc = manifest(job=job, base=base, data=data, model=model, run=run, world=world, metrics=metrics,
                        received_at=received_at, started_wall=started_wall, finished_wall=time.time(),
                        adapter_file=adapter_file)
         doc.update(continuity(job=job, base=base, run=run, ckpt=ckpt))
+        doc["tensorboard"] = str(events.relative_to(tmp)) if events is not None else None
         (tmp / MANIFEST_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
         package.write_package(tmp, package_info(job=job, base=base, run=run, metrics=metrics,
                                                 training_seconds=training_seconds))
@@ -105,6 +107,17 @@ def write_adapter(*, job: Prepared, base: Base, data: TrainData, model: Model, r
     run.send("saving", message=f"Adapter written to {target}")
     return wire.TrainResult(job_id=job.job_id, adapter_path=str(target), manifest_path=str(target / MANIFEST_FILE),
                             metrics=metrics, warnings=job.warnings)
+
+
+def _write_events(job: Prepared, run: RunState, tmp: Path) -> Optional[Path]:
+    """``tensorboard: true``: the run's TensorBoard events into ``tmp/runs/<job>/`` (training/tensorboard.py);
+    a job whose events cannot be written completes with a warning instead."""
+    if not job.params.tensorboard:
+        return None
+    events, warning = tensorboard.write_events(tmp, job.job_id, run.history, run.validation_history, run.figures)
+    if warning is not None:
+        job.warnings.append(warning)
+    return events
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ contents (sha256 of the examples) and the base model's fingerprint — with the 
 
 May differ on resume (they do not change the maths, or only the float rounding of summing
 micro-batches): outputPath, name, jobId (with a checkpoint path only), progressInterval, persona
-fields, microBatchTokens, gradientCheckpointing, trustRemoteCode, checkpointEvery,
-checkpointSeconds, keepCheckpoints.
+fields, microBatchTokens, gradientCheckpointing, trustRemoteCode, tensorboard, checkpointEvery,
+checkpointSeconds, keepCheckpoints, and distributed as long as batchSize × processes stays.
 """
 
 from __future__ import annotations

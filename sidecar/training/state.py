@@ -105,6 +105,7 @@ class RunState:
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
     validation_history: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[dict[str, Any]] = field(default_factory=list)  # each step's other figures (record_step)
     # Data position: the epoch and the index in its seeded batch order of the next step's first batch.
     next_epoch: int = 0
     next_group: int = 0
@@ -134,11 +135,23 @@ class RunState:
             setattr(self, k, values[k])
 
     def state(self) -> dict[str, Any]:
-        return {**self.scalars(), "history": self.history, "validationHistory": self.validation_history}
+        return {**self.scalars(), "history": self.history, "validationHistory": self.validation_history,
+                "stepFigures": self.figures}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.set_scalars(state)
         self.history, self.validation_history = list(state["history"]), list(state["validationHistory"])
+        self.figures = list(state.get("stepFigures", []))  # a checkpoint from before they were kept has none
+
+    def record_step(self, *, tokens: int, seconds: float) -> None:
+        """Keep the figures of the step just counted that the loss history does not hold (the job's
+        TensorBoard events are written from both, training/tensorboard.py): wall clock, gradient norm,
+        token accuracy, the step's own tokens/s and the process's memory."""
+        mem = memory_now()
+        self.figures.append({"step": self.step, "time": round(time.time(), 3), "gradNorm": self.grad_norm,
+                             "tokenAccuracy": self.token_accuracy,
+                             "tokensPerSecond": round(tokens / seconds, 2) if seconds > 0 else None,
+                             "rssMb": mem.rss_mb, "deviceAllocatedMb": mem.device_allocated_mb})
 
     def start_clock(self) -> None:
         """Training starts in this process (after earlier processes' ``training_wall`` seconds)."""

@@ -181,6 +181,21 @@ def run_once(path: str, result_path: Optional[str], strategy: str, device: str) 
     return 0
 
 
+PG_TIMEOUT_ENV = "LORA_SIDECAR_PG_TIMEOUT"
+
+
+def _collective_timeout() -> dict[str, Any]:
+    """``LORA_SIDECAR_PG_TIMEOUT=<seconds>``: how long a collective waits for a peer that went silent
+    (a node lost without closing its sockets) before the rank fails; unset: torch's defaults (30 min
+    gloo, 10 min nccl). It must exceed the longest gap between two collectives (loading, saving)."""
+    value = os.environ.get(PG_TIMEOUT_ENV, "").strip()
+    if not value:
+        return {}
+    from datetime import timedelta
+
+    return {"timeout": timedelta(seconds=float(value))}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sidecar.training.worker", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         import torch.distributed as dist
 
         device, backend = _device(args.device)
-        dist.init_process_group(args.backend or backend)
+        dist.init_process_group(args.backend or backend, **_collective_timeout())
     except BaseException as exc:
         if channel is not None:
             channel.send(error_message(exc, prefix=""))

@@ -164,6 +164,9 @@ class TrainParams(placed(_TrainSetup), kw_only=True):
     progress_interval: Annotated[float, Meta(ge=0)] = 0.25
     """Minimum seconds between two progress notifications (phase changes are always sent)."""
 
+    tensorboard: bool = True
+    """Write the job's step and validation scalars as TensorBoard event files into the adapter
+    directory (``runs/<jobId>/``), so ``tensorboard --logdir <adapters dir>`` compares jobs."""
     load: bool = False
     """Also make the new adapter resident (as ``adapters/load`` would) and return its ``adapterId``."""
     export: Optional[Annotated[list[TrainExport], Meta(max_length=8)]] = None

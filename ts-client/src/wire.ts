@@ -868,6 +868,8 @@ export interface TrainParams {
    * @default 0.25
    */
   progressInterval?: number;
+  /** @default true */
+  tensorboard?: boolean;
   /** @default false */
   load?: boolean;
   /** Constraints: items <= 8. */
