@@ -41,8 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("adapter", metavar="ADAPTER_DIR", help="the adapter directory (adapter_config.json, ...)")
     export.add_argument("--format", required=True, choices=["gguf-lora", "merged", "merged-gguf"])
     export.add_argument("-o", "--output", help="output file (GGUF) or directory (merged); default: ADAPTER_DIR/exports/")
-    export.add_argument("--out-type", choices=["f32", "f16", "bf16", "q8_0"],
-                        help="tensor encoding (default f16 for GGUF, the base's dtype for merged)")
+    export.add_argument("--out-type", choices=["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"],
+                        help="tensor encoding (default f16 for GGUF, the base's dtype for merged; q4_0, q4_k_m, "
+                        "q5_k_m, q6_k: merged-gguf only, quantized by llama.cpp)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing export at the output path")
     export.add_argument("--base-model", help="the adapter's base model, when its manifest/config does not resolve")
     export.add_argument("--json", action="store_true", help="print the result as JSON (the method's result)")

@@ -11,6 +11,8 @@ whatever the runners call:
 - ``LORA_SIDECAR_TEST_HOLD_MARKER=<file>`` — touched when the hold begins, so a test knows.
 - ``LORA_SIDECAR_TEST_NATIVE_BF16=1`` — the CPU counts as having native bf16 (training/bf16.py's
   matmuls are taken with ``dtype: auto`` on any host; torch computes bf16 without the instructions too).
+- ``LORA_SIDECAR_TEST_NO_LLAMA_CPP=1`` — ``import llama_cpp`` fails in the sidecar (an environment
+  without llama-cpp-python: merged-gguf's llama.cpp-quantized out types are refused).
 - ``LORA_SIDECAR_TEST_BREAK=handle`` — handling a message whose bytes contain ``BOOM`` raises (a bug
   in the server); ``=reader`` — reading the second message raises (the input stream breaks).
 """
@@ -59,6 +61,11 @@ def install() -> None:
         from sidecar.training import bf16
 
         bf16.cpu_has_native_bf16 = lambda: True
+
+    if os.environ.get("LORA_SIDECAR_TEST_NO_LLAMA_CPP") == "1":
+        import sys
+
+        sys.modules["llama_cpp"] = None  # type: ignore[assignment]  # import llama_cpp raises ImportError
 
     broken = os.environ.get("LORA_SIDECAR_TEST_BREAK")
     if broken == "handle":

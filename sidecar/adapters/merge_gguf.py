@@ -18,15 +18,19 @@ checkpoint must be the same model). transformers cannot read the GGUF files of e
 
 The file keeps the base's metadata and tokenizer and every tensor the adapter does not touch byte
 for byte; each adapted weight becomes ``dequantized base + delta``, encoded with gguf's quantizers.
+The out types gguf has no encoder for (``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k``) are made by
+llama.cpp's own quantizer from an unquantized intermediate (``write_quantized``; see ``quantize``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .. import errors
+from . import quantize
 from .gguf_layout import GgufLayout, choose_qtype, encode, encoded_nbytes, file_type, read_config
 from .source import AdapterSource, BaseModel, resolve_base
 
@@ -148,15 +152,50 @@ def write_merged_gguf(source: AdapterSource, base: BaseModel, layout: GgufLayout
     why = variants(source.config)
     deltas = (peft_deltas(source, base, trained_checkpoint(source, base), layout, why) if why
               else factor_deltas(source, layout))
+    if out_type in quantize.OUT_TYPES:
+        return write_quantized(base.gguf_path, layout, deltas, out_path, out_type)
     return write_with_deltas(base.gguf_path, layout, deltas, out_path, out_type)
 
 
+INTERMEDIATE = "f16"
+"""The encoding of the unquantized intermediate a llama.cpp quantization starts from: f16, as in
+llama.cpp's own convert-then-quantize flow, at half the disk of f32. On the embedded SmolLM2 (Q4_1)
+the q4_0 / q4_k_m files made from an f16 and an f32 intermediate are equally far from the base
+(mean |Δ log-prob| 0.857 / 0.329 nat against 0.845 / 0.330) and took the same time."""
+
+
+def write_quantized(base_gguf: Path, layout: GgufLayout, deltas: dict[str, Delta], out_path: Path, out_type: str,
+                    threads: Optional[int] = None) -> int:
+    """The merge quantized by llama.cpp as ``out_type`` (``quantize.OUT_TYPES``) at ``out_path``: written
+    first beside it with every tensor unquantized (``write_with_deltas(..., dequantize=True)``), then
+    quantized from there; the intermediate is removed whatever happens. ``threads``: llama.cpp's
+    threads (default: the sidecar's thread setting, ``LORA_SIDECAR_THREADS``, as torch applies it)."""
+    if threads is None:
+        import torch
+
+        from ..models import apply_thread_setting
+
+        apply_thread_setting()
+        threads = torch.get_num_threads()
+    intermediate = out_path.with_name(f"{out_path.name}.{INTERMEDIATE}-{uuid.uuid4().hex[:8]}")
+    try:
+        changed = write_with_deltas(base_gguf, layout, deltas, intermediate, INTERMEDIATE, dequantize=True)
+        quantize.quantize(intermediate, out_path, out_type, threads)
+    finally:
+        intermediate.unlink(missing_ok=True)
+    return changed
+
+
 def write_with_deltas(base_gguf: Path, layout: GgufLayout, deltas: dict[str, Delta], out_path: Path,
-                      out_type: str) -> int:
+                      out_type: str, *, dequantize: bool = False) -> int:
     """``base_gguf`` copied to ``out_path`` with each tensor in ``deltas`` replaced by base + delta,
-    encoded as ``out_type``; every other tensor and all metadata as they are."""
+    encoded as ``out_type``; every other tensor and all metadata as they are. ``dequantize``: the
+    other tensors that are block-quantized (Q4_1, Q8_0, …) are written dequantized, as ``out_type``."""
     import gguf
     import numpy as np
+
+    def unquantized(kind: Any) -> bool:
+        return gguf.GGML_QUANT_SIZES[kind][0] == 1  # F32, F16, BF16 and the integer types
 
     reader = gguf.GGUFReader(str(base_gguf))
     missing = sorted(set(deltas) - {t.name for t in reader.tensors})
@@ -177,8 +216,10 @@ def write_with_deltas(base_gguf: Path, layout: GgufLayout, deltas: dict[str, Del
     writer.add_file_type(file_type(out_type))
 
     kinds: dict[str, Any] = {}
+    changed = set(deltas) | ({t.name for t in reader.tensors if not unquantized(t.tensor_type)} if dequantize
+                             else set())
     for tensor in reader.tensors:
-        if tensor.name in deltas:
+        if tensor.name in changed:
             shape = tuple(int(x) for x in reversed(tensor.shape))  # (out, in)
             kind = choose_qtype(shape, out_type)
             kinds[tensor.name] = kind
@@ -191,13 +232,15 @@ def write_with_deltas(base_gguf: Path, layout: GgufLayout, deltas: dict[str, Del
     writer.write_ti_data_to_file()
     try:
         for tensor in reader.tensors:
-            delta = deltas.get(tensor.name)
-            if delta is None:
+            if tensor.name not in changed:
                 writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
                 continue
-            change = delta()
-            stored = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(change.shape)
-            data, kind = encode(stored + change, out_type)
+            shape = tuple(int(x) for x in reversed(tensor.shape))  # (out, in)
+            stored = gguf.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+            delta = deltas.get(tensor.name)
+            if delta is not None:
+                stored = stored + delta()
+            data, kind = encode(stored, out_type)
             assert kind == kinds[tensor.name]
             writer.write_tensor_data(data)
     finally:

@@ -9,13 +9,14 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .. import errors
+from . import quantize
 from .source import AdapterSource, BaseModel
 
 FORMATS = ("gguf-lora", "merged", "merged-gguf")
 OUT_TYPES = {
     "gguf-lora": ("f32", "f16", "bf16", "q8_0"),
     "merged": ("f32", "f16", "bf16"),
-    "merged-gguf": ("f32", "f16", "bf16", "q8_0"),
+    "merged-gguf": ("f32", "f16", "bf16", "q8_0") + quantize.OUT_TYPES,  # the last ones by llama.cpp
 }
 GGUF_FORMATS = ("gguf-lora", "merged-gguf")
 # PEFT initialisations that rewrite the base weights: the adapter only holds with that rewritten base.
@@ -31,6 +32,10 @@ def check(source: AdapterSource, base: BaseModel, config: dict[str, Any], fmt: s
     if out_type not in OUT_TYPES[fmt]:
         raise errors.InvalidParams(f"outType {out_type!r} is not available for format {fmt!r} "
                                    f"(use {', '.join(OUT_TYPES[fmt])})", field="$.outType")
+    if out_type in quantize.OUT_TYPES:
+        why = quantize.missing()
+        if why is not None:
+            raise quantize.refusal(fmt, out_type, why)
     peft_type = str(source.config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise _refuse(fmt, "peft-type", f"the adapter is a {peft_type} adapter; only LoRA adapters are exported.")

@@ -155,7 +155,8 @@ class AdaptersComposeResult(Wire, kw_only=True):
 # ---------------------------------------------------------------------------------------------
 
 ExportFormat = Literal["gguf-lora", "merged", "merged-gguf"]
-OutType = Literal["f32", "f16", "bf16", "q8_0"]
+OutType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"]
+"""``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k``: ``merged-gguf`` only, quantized by llama.cpp (llama-cpp-python)."""
 
 
 class ExportParams(Wire, kw_only=True):
@@ -170,7 +171,8 @@ class ExportParams(Wire, kw_only=True):
     existing directory given for a GGUF format receives the file under its default name."""
     out_type: Optional[OutType] = None
     """Tensor encoding. Default ``f16`` for the GGUF formats; for ``merged`` the base checkpoint's
-    own dtype (``q8_0`` is GGUF only)."""
+    own dtype (``q8_0`` is GGUF only; ``q4_0``, ``q4_k_m``, ``q5_k_m``, ``q6_k`` are ``merged-gguf`` only
+    and need llama-cpp-python, else -32030 reason ``no-quantizer``)."""
     overwrite: bool = False
     """Replace an existing export at the output path (atomically) instead of failing with -32019."""
     base_model: Optional[ModelName] = None

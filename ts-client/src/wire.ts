@@ -358,7 +358,7 @@ export interface ExportParams {
   format: "gguf-lora" | "merged" | "merged-gguf";
   /** Constraints: length >= 1, length <= 4096. */
   outputPath?: string | null;
-  outType?: "bf16" | "f16" | "f32" | "q8_0" | null;
+  outType?: "bf16" | "f16" | "f32" | "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k" | "q8_0" | null;
   /** @default false */
   overwrite?: boolean;
   /** Constraints: length >= 1, length <= 4096. */
@@ -369,7 +369,7 @@ export interface ExportResult {
   format: "gguf-lora" | "merged" | "merged-gguf";
   adapterPath: string;
   outputPath: string;
-  outType: "bf16" | "f16" | "f32" | "q8_0";
+  outType: "bf16" | "f16" | "f32" | "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k" | "q8_0";
   sha256: string;
   /** Constraints: an integer. */
   bytes: number;
@@ -709,7 +709,7 @@ export interface SupportsResult {
 /** One export a `train` job ends with (as `adapters/export` of the new adapter). */
 export interface TrainExport {
   format: "gguf-lora" | "merged" | "merged-gguf";
-  outType?: "bf16" | "f16" | "f32" | "q8_0" | null;
+  outType?: "bf16" | "f16" | "f32" | "q4_0" | "q4_k_m" | "q5_k_m" | "q6_k" | "q8_0" | null;
   /** Constraints: length >= 1, length <= 4096. */
   outputPath?: string | null;
 }
