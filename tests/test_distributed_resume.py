@@ -28,7 +28,8 @@ import torch
 from sidecar import errors, paths
 from sidecar.training import checkpoint
 from tests.sidecar_proc import Sidecar, chat_dataset
-from tests.test_continuity import VALIDATION, assert_trained_only_the_rest, max_diff, training_steps_since, weights
+from tests.test_continuity import (VALIDATION, assert_trained_only_the_rest, chain,  # noqa: F401 (fixture)
+                                   max_diff, training_steps_since, weights)
 from tests.test_distributed import group_pids, running
 
 TOL = 1e-6  # resume of the same world: exact up to float noise
@@ -58,26 +59,6 @@ def assert_same_run(result: dict, reference: Path, tol: float = TOL) -> None:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, str]:
     return {"LORA_SIDECAR_DATA": str(tmp_path_factory.mktemp("dist-resume-data")), "LORA_SIDECAR_THREADS": "1"}
-
-
-class Chain:
-    """One live sidecar at a time (the kill test replaces it)."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env, self.proc = env, None
-
-    def current(self) -> Sidecar:
-        if self.proc is None:
-            self.proc = Sidecar(env=self.env)
-        return self.proc
-
-
-@pytest.fixture(scope="module")
-def chain(env):
-    c = Chain(env)
-    yield c
-    if c.proc is not None:
-        c.proc.close()
 
 
 @pytest.fixture(scope="module")
@@ -110,10 +91,7 @@ def test_kill_9_of_the_sidecar_then_resume_gives_the_uninterrupted_adapter(chain
     proc.request("train", job(tiny_model_dir, tmp_path / "adapter", jobId=job_id))
     proc.wait_for(checkpointed(job_id, 4), timeout=300)
     launcher, workers = group_pids(proc)
-    os.kill(proc.proc.pid, signal.SIGKILL)
-    proc.proc.wait()
-    proc.kill()
-    chain.proc = None
+    chain.kill()
     deadline = time.monotonic() + 15  # the launcher dies with the sidecar, the workers with the launcher
     while [p for p in [launcher, *workers] if running(p)]:
         assert time.monotonic() < deadline, "the worker group outlived its sidecar"

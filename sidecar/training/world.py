@@ -241,9 +241,11 @@ class DistributedWorld(World):
         return float(t.item())
 
     def training_state(self, peft_model: Any, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        if self._fsdp is None:  # DDP: every rank holds the same whole weights and optimizer state
-            return super().training_state(peft_model, optimizer)
+        if self._fsdp is None:  # DDP: every rank holds the same whole state; rank 0's is written
+            return super().training_state(peft_model, optimizer) if self.is_main else ({}, {})
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        from .checkpoint import trainable_tensors
 
         # Collectives: the shards gathered whole (on rank 0, on the CPU) by torch's distributed
         # checkpoint API, then the optimizer state put in the indexed form a single process saves.
@@ -252,7 +254,7 @@ class DistributedWorld(World):
         keyed = get_optimizer_state_dict(peft_model, optimizer, options=options)
         if not self.is_main:  # cpu_offload: the whole state lands on rank 0 only
             return {}, {}
-        names = _trainable_names(peft_model)
+        names = list(trainable_tensors(peft_model))
         # ignore_frozen_params still lets a tied frozen weight through (lm_head tied to the embeddings).
         return {n: weights[n] for n in names}, _indexed(keyed, names)
 
@@ -263,12 +265,13 @@ class DistributedWorld(World):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        from .checkpoint import check_weights
+        from .checkpoint import check_weights, trainable_tensors
 
         # Every rank read the same whole state; each keeps its own shards of it. Only the LoRA weights
         # are in it (the frozen base is not), hence strict=False after checking them by name and shape.
-        names = _trainable_names(peft_model)
-        check_weights({n: p for n, p in peft_model.named_parameters() if p.requires_grad}, weights, path)
+        params = trainable_tensors(peft_model)  # in the optimizer's order (setup.setup_optimizer's list)
+        names = list(params)
+        check_weights(params, weights, path)
         options = StateDictOptions(full_state_dict=True, strict=False)
         set_model_state_dict(peft_model, weights, options=options)
         if optimizer_state is not None:
@@ -291,11 +294,6 @@ class DistributedWorld(World):
     def describe(self) -> Optional[dict[str, Any]]:
         return {"processes": self.size, "strategy": self.strategy,
                 "backend": self.dist.get_backend(), "device": self.device}
-
-
-def _trainable_names(peft_model: Any) -> list[str]:
-    """The trainable parameters' names in the optimizer's order (setup.setup_optimizer's list)."""
-    return [n for n, p in peft_model.named_parameters() if p.requires_grad]
 
 
 def _indexed(keyed: dict[str, Any], names: list[str]) -> dict[str, Any]:
