@@ -91,11 +91,17 @@ def test_kill_9_of_the_sidecar_then_resume_gives_the_uninterrupted_adapter(chain
     proc.request("train", job(tiny_model_dir, tmp_path / "adapter", jobId=job_id))
     proc.wait_for(checkpointed(job_id, 4), timeout=300)
     launcher, workers = group_pids(proc)
+    log = proc.stderr_file.name
+    killed = time.monotonic()
     chain.kill()
-    deadline = time.monotonic() + 15  # the launcher dies with the sidecar, the workers with the launcher
-    while [p for p in [launcher, *workers] if running(p)]:
-        assert time.monotonic() < deadline, "the worker group outlived its sidecar"
+    # The launcher dies with the sidecar, the workers with the launcher (SIGKILL both: training/distributed.py).
+    # Measured 0.01-0.05 s here; the bound is generous for a busy CI host (a process in a disk write dies after it)
+    deadline = killed + 30
+    while left := [p for p in [launcher, *workers] if running(p)]:
+        assert time.monotonic() < deadline, (f"the worker group outlived its sidecar: {left} of launcher {launcher}, "
+                                             f"workers {workers}\n" + Path(log).read_text()[-4000:])
         time.sleep(0.1)
+    print(f"group gone {time.monotonic() - killed:.2f} s after the kill")
     job_dir = Path(env["LORA_SIDECAR_DATA"]) / "jobs" / paths.job_key(job_id)
     on_disk = [checkpoint.step_of(p) for p in checkpoint.list_checkpoints(job_dir)]
     assert on_disk and on_disk[-1] % 4 == 0 and on_disk[-1] < STEPS, on_disk

@@ -20,8 +20,11 @@ usual ``progress`` notifications; its result is the job's result.
 - A worker that dies (its connection ends without an answer) fails the job with WorkerDied naming
   its rank, pid, exit status (from the launcher's report) and the last lines of its stderr; the
   group is stopped and the sidecar keeps serving.
-- Orphans: the launcher gets SIGTERM when the sidecar dies, and each worker gets SIGKILL when the
-  launcher dies (PR_SET_PDEATHSIG, Linux).
+- Orphans: the launcher gets SIGKILL when the sidecar dies, and each worker gets SIGKILL when the
+  launcher dies (PR_SET_PDEATHSIG, Linux). SIGKILL, not torchrun's SIGTERM handler: that handler
+  stops the workers, waits for them (up to 30 s) and tears down its store in Python, and once, in
+  CI, the group was still alive 15 s after the sidecar's kill -9 (0.6-0.9 s here). Nothing the
+  handler would do is needed: the workers die with the launcher, and the sidecar is gone.
 
 What a distributed job cannot do is refused at the door (training/checks.py ``check_distributed``).
 """
@@ -121,8 +124,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) < 3 or argv[0] != "--parent" or argv[2] != "--":
         raise SystemExit("usage: python -m sidecar.training.distributed --parent PID -- <torchrun arguments>")
-    # SIGTERM, not SIGKILL: torchrun's handler then stops the workers it started.
-    die_with_parent(int(argv[1]), signal.SIGTERM)
+    die_with_parent(int(argv[1]), signal.SIGKILL)  # the module docstring says why not SIGTERM
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
     from torch.distributed.run import main as torchrun
 
