@@ -1,13 +1,16 @@
-"""Start-up housekeeping: remove the temporary directories that dead jobs left behind.
+"""Start-up housekeeping: remove the temporary directories (and export files) that dead jobs left behind.
 
 A job writes its output (an adapter) into ``<target>.tmp-<job>`` and renames it to ``<target>``,
-so nothing half-written ever sits at an output path. A process killed while writing (kill -9,
-power loss) leaves that temporary directory behind. The rule that removes it:
+so nothing half-written ever sits at an output path; an export writes ``.<name>.tmp-<id>`` beside
+its target (a quantized merge also its unquantized intermediate, ``.<name>.tmp-<id>.f16-<id>``, as
+large as the model in f16). A process killed while writing (kill -9, power loss) leaves these
+behind. The rule that removes them:
 
 1. Every sidecar holds an exclusive ``flock`` on its own ``<data>/run/sidecar-<pid>-<random>.claims``
    for its whole life, and appends a line for each job that may write a temporary directory: the
    directory and the glob of the names it may use (``<name>.tmp-*`` beside an ``outputPath``,
-   ``*.tmp-*`` in the default adapters directory), and another line when the job ends.
+   ``*.tmp-*`` in the default adapters directory, ``.<name>.tmp-*`` beside an export's target, which
+   may name files as well), and another line when the job ends.
 2. At start-up, a claims file whose lock can be taken belongs to a process that is gone (the kernel
    drops a lock when its holder dies, however it dies): the directories its open claims match are
    removed, unless a live sidecar claims them too, and the file is deleted.
@@ -15,7 +18,7 @@ power loss) leaves that temporary directory behind. The rule that removes it:
    which nothing changed for ``STALE_AGE`` seconds is removed too (left by a process that kept no
    claims file, e.g. an older version).
 
-Only directories are removed. Cheap (a directory listing and a few small files) and never fatal: a
+Only directories are removed, and files where the claim says so (an export's). Cheap (a directory listing and a few small files) and never fatal: a
 failure is logged and start-up goes on. No torch.
 """
 
@@ -31,7 +34,9 @@ import secrets
 import shutil
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, NamedTuple, Optional
 
 from . import paths
 
@@ -56,9 +61,10 @@ class Claims:
         self._keys = itertools.count(1)
         self._lock = threading.Lock()
 
-    def add(self, directory: str | os.PathLike, pattern: str) -> int:
+    def add(self, directory: str | os.PathLike, pattern: str, *, files: bool = False) -> int:
+        """Claim the names matching ``pattern`` in ``directory`` (directories only, unless ``files``)."""
         key = next(self._keys)
-        self._append({"claim": key, "dir": str(directory), "glob": pattern})
+        self._append({"claim": key, "dir": str(directory), "glob": pattern, **({"files": True} if files else {})})
         return key
 
     def release(self, key: int) -> None:
@@ -82,10 +88,27 @@ def claim_for_output(output_path: str | None, adapters_dir: str | os.PathLike | 
     return Path(adapters_dir or paths.adapters_dir()).absolute(), "*.tmp-*"
 
 
-def start(run_dir: Path | None = None, adapters_dir: Path | None = None) -> tuple[Claims | None, list[Path]]:
-    """Remove stale temporary directories, then open this process's claims file.
+def claim_for_export(target: Path) -> tuple[Path, str]:
+    """The (directory, glob) an export's temporary files match: ``.<name>.tmp-*`` beside ``target``
+    (its intermediate ``.<name>.tmp-<id>.f16-<id>`` too). Claimed with ``files=True``."""
+    return target.parent, glob.escape(f".{target.name}") + ".tmp-*"
 
-    Returns the claims (None where they cannot be kept) and the directories removed."""
+
+@contextmanager
+def claiming(claims: Optional[Claims], directory: Path, pattern: str, *, files: bool = False) -> Iterator[None]:
+    """Hold a claim while the block runs (nothing where the process keeps no claims)."""
+    key = claims.add(directory, pattern, files=files) if claims is not None else None
+    try:
+        yield
+    finally:
+        if key is not None:
+            claims.release(key)
+
+
+def start(run_dir: Path | None = None, adapters_dir: Path | None = None) -> tuple[Claims | None, list[Path]]:
+    """Remove stale temporary directories (and export files), then open this process's claims file.
+
+    Returns the claims (None where they cannot be kept) and what was removed."""
     if fcntl is None:
         return None, []
     run_dir = run_dir or paths.data_dir() / "run"
@@ -115,14 +138,20 @@ def _open_own(run_dir: Path) -> Claims:
     return Claims(path, fd)
 
 
-def _open_claims(text: str) -> list[tuple[Path, str]]:
+class Claim(NamedTuple):
+    directory: Path
+    pattern: str
+    files: bool = False  # files match too (an export's), not only directories
+
+
+def _open_claims(text: str) -> list[Claim]:
     """The claims in a file's text that were not released (a torn last line is ignored)."""
-    claims: dict[int, tuple[Path, str]] = {}
+    claims: dict[int, Claim] = {}
     for line in text.splitlines():
         try:
             record = json.loads(line)
             if "claim" in record:
-                claims[record["claim"]] = (Path(record["dir"]), str(record["glob"]))
+                claims[record["claim"]] = Claim(Path(record["dir"]), str(record["glob"]), record.get("files") is True)
             else:
                 claims.pop(record["release"], None)
         except (ValueError, KeyError, TypeError):
@@ -131,13 +160,13 @@ def _open_claims(text: str) -> list[tuple[Path, str]]:
 
 
 def sweep(run_dir: Path, adapters_dir: Path, now: float | None = None) -> list[Path]:
-    """Apply the rule in the module doc; returns the directories removed."""
+    """Apply the rule in the module doc; returns what was removed (directories, an export's files)."""
     now = time.time() if now is None else now
     # Candidates in the adapters directory are listed before the live claims are read: a live job
     # claims its directory before creating it, so a candidate cannot belong to an unread claim.
     unclaimed = [p for p in _listdir(adapters_dir) if fnmatch.fnmatchcase(p.name, "*.tmp-*")]
-    live: list[tuple[Path, str]] = []
-    dead: list[tuple[Path, int, list[tuple[Path, str]]]] = []
+    live: list[Claim] = []
+    dead: list[tuple[Path, int, list[Claim]]] = []
     for path in sorted(_listdir(run_dir)):
         if not path.name.endswith(".claims"):
             continue
@@ -160,25 +189,36 @@ def sweep(run_dir: Path, adapters_dir: Path, now: float | None = None) -> list[P
             os.close(fd)
 
     def claimed_by_live(p: Path) -> bool:
-        return any(p.parent == d and fnmatch.fnmatchcase(p.name, g) for d, g in live)
+        return any(p.parent == c.directory and fnmatch.fnmatchcase(p.name, c.pattern) for c in live)
 
     removed: list[Path] = []
+    kinds: list[str] = []
     for path, fd, claims in dead:
         try:
-            for directory, pattern in claims:
-                for p in _listdir(directory):
-                    if fnmatch.fnmatchcase(p.name, pattern) and not claimed_by_live(p) and _remove_dir(p):
-                        removed.append(p)
+            for claim in claims:
+                for p in _listdir(claim.directory):
+                    if fnmatch.fnmatchcase(p.name, claim.pattern) and not claimed_by_live(p):
+                        kind = _remove(p, files=claim.files)
+                        if kind:
+                            removed.append(p)
+                            kinds.append(kind)
             path.unlink(missing_ok=True)
         finally:
             os.close(fd)
     for p in unclaimed:
-        if p.exists() and not claimed_by_live(p) and now - _last_change(p) > STALE_AGE and _remove_dir(p):
+        if p.exists() and not claimed_by_live(p) and now - _last_change(p) > STALE_AGE and _remove(p):
             removed.append(p)
+            kinds.append("directory")
     if removed:
-        log.info("housekeeping: removed %d temporary director%s left by dead jobs: %s", len(removed),
-                 "y" if len(removed) == 1 else "ies", ", ".join(str(p) for p in removed))
+        log.info("housekeeping: removed %s left by dead jobs: %s", _count(kinds), ", ".join(str(p) for p in removed))
     return removed
+
+
+def _count(kinds: list[str]) -> str:
+    """"1 temporary directory", "2 temporary directories and 1 temporary file"."""
+    dirs, files = kinds.count("directory"), kinds.count("file")
+    parts = [f"{dirs} temporary director{'y' if dirs == 1 else 'ies'}"] if dirs else []
+    return " and ".join(parts + ([f"{files} temporary file{'' if files == 1 else 's'}"] if files else []))
 
 
 def _listdir(directory: Path) -> list[Path]:
@@ -198,12 +238,19 @@ def _last_change(p: Path) -> float:
     return max(times)
 
 
-def _remove_dir(p: Path) -> bool:
+def _remove(p: Path, files: bool = False) -> Optional[str]:
+    """Remove a directory, or a regular file where ``files``; never follows a symbolic link.
+    Returns what was removed ("directory" / "file"), None when nothing was."""
     try:
-        if p.is_symlink() or not p.is_dir():
-            return False
-        shutil.rmtree(p)
-        return True
+        if p.is_symlink():
+            return None
+        if p.is_dir():
+            shutil.rmtree(p)
+            return "directory"
+        if files and p.is_file():
+            p.unlink()
+            return "file"
+        return None
     except OSError as exc:
         log.warning("housekeeping: could not remove %s: %s", p, exc)
-        return False
+        return None

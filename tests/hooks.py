@@ -13,6 +13,8 @@ whatever the runners call:
   matmuls are taken with ``dtype: auto`` on any host; torch computes bf16 without the instructions too).
 - ``LORA_SIDECAR_TEST_NO_LLAMA_CPP=1`` — ``import llama_cpp`` fails in the sidecar (an environment
   without llama-cpp-python: merged-gguf's llama.cpp-quantized out types are refused).
+- ``LORA_SIDECAR_TEST_FREE_BYTES=<n>`` — every file system reports ``n`` bytes free to the export's
+  disk-space check (sidecar/adapters/diskspace.py).
 - ``LORA_SIDECAR_TEST_BREAK=handle`` — handling a message whose bytes contain ``BOOM`` raises (a bug
   in the server); ``=reader`` — reading the second message raises (the input stream breaks).
 """
@@ -66,6 +68,12 @@ def install() -> None:
         import sys
 
         sys.modules["llama_cpp"] = None  # type: ignore[assignment]  # import llama_cpp raises ImportError
+
+    free = os.environ.get("LORA_SIDECAR_TEST_FREE_BYTES")
+    if free is not None:
+        from sidecar.adapters import diskspace
+
+        diskspace.free_bytes = lambda directory: int(free)
 
     broken = os.environ.get("LORA_SIDECAR_TEST_BREAK")
     if broken == "handle":

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -215,6 +217,86 @@ def test_a_failed_quantization_leaves_nothing_behind(plain_adapter, tmp_path, mo
     assert "gguf" in caught.value.message.lower()  # llama.cpp's own words about the file
     assert seen and seen[0] > 100 * 2**20  # the f16 intermediate was written in full
     assert not (out / "m.gguf").exists() and leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == []
+
+
+@pytest.mark.smollm2
+def test_an_export_killed_while_writing_the_intermediate_is_cleaned_up_at_the_next_start(plain_adapter, tmp_path):
+    """kill -9 of the sidecar while it writes the f16 intermediate (as large as the model in f16: 14 GB
+    for a 7B base): what it wrote stays until the next sidecar starts, which removes it because the
+    export had claimed its temporary names (housekeeping). The default target, inside the adapter."""
+    adapter = copy_of(plain_adapter, tmp_path)
+    exports, env = adapter / "exports", {"LORA_SIDECAR_DATA": str(tmp_path / "data")}
+    with Sidecar(env=env) as proc:
+        proc.call("status")
+        proc.request("adapters/export", {"adapterPath": str(adapter), "format": "merged-gguf", "outType": "q4_0"})
+        deadline = time.monotonic() + 300
+        while not any(".f16-" in name for name in leftovers(exports)):
+            assert time.monotonic() < deadline and proc.proc.poll() is None, proc.stderr()[-3000:]
+            time.sleep(0.005)
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.proc.wait(10)
+    left = leftovers(exports)
+    assert any(".f16-" in name for name in left) and not [p for p in exports.iterdir() if p.name not in left], left
+    with Sidecar(env=env) as proc:
+        proc.call("status")
+        assert list(exports.iterdir()) == [], sorted(p.name for p in exports.iterdir())
+        assert f"removed {len(left)} temporary file" in proc.stderr(), proc.stderr()[-3000:]
+        assert proc.close() == 0
+    print(f"killed with {left} in {exports}; removed at the next start")
+
+
+@pytest.mark.smollm2
+def test_the_disk_estimate_is_the_peak_the_merges_hold(exported, plain_adapter, tmp_path):
+    """diskspace.needed_bytes against what the exports wrote: an f16 merge exactly (the writer's own
+    layout, slack aside); a q4_0 / q4_k_m merge within -10 % / +30 % of the f16 intermediate plus the
+    file llama.cpp wrote (the output is counted at nominal bits per weight). Planted: the estimate
+    without its intermediate falls far outside that band."""
+    from sidecar.adapters import diskspace, merge_gguf
+    from sidecar.adapters.export import _gguf_layout
+    from sidecar.adapters.source import read_adapter, resolve_base
+
+    source = read_adapter(plain_adapter)
+    base = resolve_base(source)
+    config, checkpoint = merge_gguf.gguf_base_config(source, base, "merged-gguf")
+    layout = _gguf_layout(source, base, config, checkpoint, "merged-gguf")
+
+    def need(out_type: str) -> int:
+        return diskspace.needed_bytes(source, base, layout, "merged-gguf", out_type)
+
+    f16 = exported["merged-f16"]["bytes"]
+    assert abs(need("f16") - diskspace.SLACK - f16) <= 2**20, (need("f16"), f16)
+    intermediate = tmp_path / "intermediate.gguf"
+    merge_gguf.write_with_deltas(base.gguf_path, layout, merge_gguf.factor_deltas(source, layout), intermediate,
+                                 merge_gguf.INTERMEDIATE, dequantize=True)
+    for out_type in QUANTIZED:
+        peak = intermediate.stat().st_size + exported[f"merged-{out_type}"]["bytes"]
+        ratio = need(out_type) / peak
+        without_intermediate = (need(out_type) - intermediate.stat().st_size) / peak
+        print(f"{out_type}: estimate {need(out_type) / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB ({ratio:.3f}x); "
+              f"without the intermediate {without_intermediate:.3f}x")
+        assert 0.9 <= ratio <= 1.3, ratio
+        assert not 0.9 <= without_intermediate <= 1.3, without_intermediate
+
+
+@pytest.mark.smollm2
+def test_an_export_that_cannot_fit_is_refused_before_anything_is_written(plain_adapter, tmp_path):
+    """Every file system reports 64 MiB free (test hook): the merges (233 MiB and more) are refused with
+    what they need and what is free; a gguf-lora export, a few MiB, still goes through."""
+    free = 64 * 2**20
+    proc = Sidecar(HOOKED_ARGV, env={"LORA_SIDECAR_TEST_FREE_BYTES": str(free)})
+    try:
+        for fmt, out_type in (("merged-gguf", "q4_0"), ("merged-gguf", "f16"), ("merged", "f16")):
+            target = tmp_path / f"{fmt}-{out_type}"
+            error = export(proc, plain_adapter, fmt, outType=out_type, outputPath=str(target))["error"]
+            assert error["code"] == -32030 and error["data"]["reason"] == "disk-space", error
+            assert error["data"]["freeBytes"] == free < error["data"]["needBytes"], error
+            assert error["data"]["path"] == str(tmp_path) and "outputPath" in error["message"], error
+            assert not target.exists() and leftovers(tmp_path) == []
+        small = export(proc, plain_adapter, "gguf-lora", outputPath=str(tmp_path / "lora.gguf"))
+        assert "result" in small and small["result"]["bytes"] < free, small
+    finally:
+        assert proc.close(timeout=120) == 0
+    assert proc.bad_output == []
 
 
 def copy_of(adapter: Path, where: Path) -> Path:

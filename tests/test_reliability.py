@@ -495,6 +495,59 @@ class TestHousekeeping:
         assert (out / "adapter.tmp-live-job").is_dir() and (out / "adapter-complete").is_dir() and recent.is_dir()
         assert not (run / "sidecar-1-aaaaaa.claims").exists() and live.exists()
 
+    def test_an_export_claim_removes_its_files_and_a_directory_claim_leaves_files(self, tmp_path):
+        """An export claims ``.<name>.tmp-*`` with files: its temporary file and a quantization's
+        intermediate go; a train claim (directories only) whose glob a file matches leaves the file,
+        and so do a live export's files and the published output."""
+        from sidecar import housekeeping
+
+        run, out = tmp_path / "run", tmp_path / "exports"
+        run.mkdir()
+        out.mkdir()
+        dead_export = [".m.gguf.tmp-1a2b", ".m.gguf.tmp-1a2b.f16-3c4d"]
+        spared = [".live.gguf.tmp-5e6f", "m.gguf", "adapter.tmp-notes.txt"]
+        for name in dead_export + spared:
+            (out / name).write_bytes(b"x")
+        (out / ".link.gguf.tmp-7a8b").symlink_to(out / "m.gguf")  # never followed, never removed
+        directory, pattern = housekeeping.claim_for_export(out / "m.gguf")
+        assert (directory, pattern) == (out, ".m.gguf.tmp-*")
+        (run / "sidecar-1-aaaaaa.claims").write_text(
+            json.dumps({"claim": 1, "dir": str(directory), "glob": pattern, "files": True}) + "\n"
+            + json.dumps({"claim": 2, "dir": str(out), "glob": "adapter.tmp-*"}) + "\n"
+            + json.dumps({"claim": 3, "dir": str(out), "glob": ".link.gguf.tmp-*", "files": True}) + "\n")
+        live = run / "sidecar-2-bbbbbb.claims"
+        live.write_text(json.dumps({"claim": 1, "dir": str(out), "glob": ".live.gguf.tmp-*", "files": True}) + "\n")
+        fd = hold_lock(live)
+        try:
+            removed = housekeeping.sweep(run, tmp_path / "no-adapters")
+            another_dead = run / "sidecar-9-cccccc.claims"
+            another_dead.write_text(json.dumps({"claim": 1, "dir": str(out), "glob": ".live.gguf.tmp-*", "files": True}))
+            assert housekeeping.sweep(run, tmp_path / "no-adapters") == []  # the live sidecar still claims it
+        finally:
+            os.close(fd)
+        assert sorted(p.name for p in removed) == sorted(dead_export)
+        assert sorted(p.name for p in out.iterdir()) == sorted(spared + [".link.gguf.tmp-7a8b"])
+
+    def test_claims_written_by_a_process_are_what_the_sweep_reads(self, tmp_path):
+        """Through the real Claims and claiming(): a held claim is released when the block ends, a claim
+        whose process died before the release is swept (the file form too)."""
+        from sidecar import housekeeping
+
+        run, out = tmp_path / "run", tmp_path / "out"
+        out.mkdir()
+        claims, _ = housekeeping.start(run_dir=run, adapters_dir=tmp_path / "none")
+        with housekeeping.claiming(claims, *housekeeping.claim_for_export(out / "done.gguf"), files=True):
+            pass
+        held = housekeeping.claiming(claims, *housekeeping.claim_for_export(out / "cut.gguf"), files=True)
+        held.__enter__()  # a crash: never released
+        (out / ".done.gguf.tmp-0001").write_bytes(b"x")
+        (out / ".cut.gguf.tmp-0002").write_bytes(b"x")
+        os.close(claims._fd)  # the process's death drops its lock
+        claims2, removed = housekeeping.start(run_dir=run, adapters_dir=tmp_path / "none")
+        os.close(claims2._fd)
+        assert [p.name for p in removed] == [".cut.gguf.tmp-0002"]
+        assert (out / ".done.gguf.tmp-0001").exists()  # released: not this sweep's to remove
+
     def test_start_never_fails_where_nothing_can_be_written(self, tmp_path):
         from sidecar import housekeeping
 

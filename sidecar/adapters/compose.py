@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, errors, library_versions, paths, wire
+from .. import __version__, errors, housekeeping, library_versions, paths, wire
 from ..files import ADAPTER_CONFIG, ADAPTER_FILE, atomic_write_text, fsync_dir, safe_name, sha256_file, utc_iso
 from . import package
 from .fit import module_leaf_names
@@ -117,9 +117,11 @@ def _check_sources(p: wire.AdaptersComposeParams, sources: list[Resident]) -> No
                                         field="$.svdRank")
 
 
-def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegistry, stack: Any) -> wire.AdaptersComposeResult:
+def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegistry, stack: Any,
+            claims: Any = None) -> wire.AdaptersComposeResult:
     """Compose the sources of ``p`` into a new adapter (see the module doc). ``p`` has passed
-    ``check_params`` at the door."""
+    ``check_params`` at the door. ``claims``: the process's ``housekeeping.Claims`` (None: none kept),
+    so that the temporary directory of a compose cut short by a crash is removed at the next start."""
     started = time.monotonic()
     if p.load and p.name is not None and p.name in {r.id for r in registry.residents()}:
         raise errors.AdapterIdInUse(f"An adapter with id {p.name!r} is already resident; choose another name or "
@@ -130,19 +132,20 @@ def compose(p: wire.AdaptersComposeParams, *, models: Any, registry: AdapterRegi
     _check_sources(p, sources)
     loaded = base_of(models, sources[0])
     tmp_root = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        out, rank = _combine(p, stack.ensure(loaded, sources), loaded, sources, tmp_root)
-        modules = set().union(*(s.tensors for s in sources))
-        _simplify_targets(out / ADAPTER_CONFIG, loaded.model, modules)
-        loaded.tokenizer.save_pretrained(str(out))
-        parents = [wire.ComposeParent(id=s.id, path=s.path, sha256=s.sha256, weight=src.weight, rank=s.rank,
-                                      alpha=s.alpha) for s, src in zip(sources, p.sources)]
-        manifest = _manifest(p, loaded, sources, parents, target, out / ADAPTER_FILE, rank, modules)
-        atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        package.write_package(out, _package_info(p, sources, target, rank, time.monotonic() - started))
-        _publish(out, target)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    with housekeeping.claiming(claims, *housekeeping.claim_for_export(target)):  # a crash's leftover is swept
+        try:
+            out, rank = _combine(p, stack.ensure(loaded, sources), loaded, sources, tmp_root)
+            modules = set().union(*(s.tensors for s in sources))
+            _simplify_targets(out / ADAPTER_CONFIG, loaded.model, modules)
+            loaded.tokenizer.save_pretrained(str(out))
+            parents = [wire.ComposeParent(id=s.id, path=s.path, sha256=s.sha256, weight=src.weight, rank=s.rank,
+                                          alpha=s.alpha) for s, src in zip(sources, p.sources)]
+            manifest = _manifest(p, loaded, sources, parents, target, out / ADAPTER_FILE, rank, modules)
+            atomic_write_text(out / MANIFEST_FILE, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+            package.write_package(out, _package_info(p, sources, target, rank, time.monotonic() - started))
+            _publish(out, target)
+        finally:
+            shutil.rmtree(tmp_root, ignore_errors=True)
     registry.touch(sources)
 
     adapter_id = None

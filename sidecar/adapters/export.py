@@ -12,6 +12,7 @@ atomically; adapters without a manifest are exported but not recorded).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,9 +26,9 @@ from typing import Any, Optional
 
 import msgspec
 
-from .. import errors, wire
+from .. import errors, housekeeping, wire
 from ..files import MANIFEST_FILE
-from . import gguf_lora, merge, merge_gguf, preflight
+from . import diskspace, gguf_lora, merge, merge_gguf, preflight
 from .gguf_layout import check_against_base, layout_for, read_config
 from .source import AdapterSource, BaseModel, read_adapter, resolve_base
 
@@ -38,11 +39,13 @@ EXPORTS_DIR = "exports"
 
 def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[str] = None,
                    out_type: Optional[str] = None, overwrite: bool = False, base_model: Optional[str] = None,
-                   models: Any = None) -> wire.ExportResult:
+                   models: Any = None, claims: Any = None) -> wire.ExportResult:
     """Export the adapter at ``adapter_dir`` as ``fmt`` (see the module docstring).
 
     ``models``: the server's ModelCache, only consulted to warn when the base is warm in a
-    quantized form (merges always read a fresh fp32 copy). Raises AdapterNotFound, ModelNotFound,
+    quantized form (merges always read a fresh fp32 copy). ``claims``: the process's
+    ``housekeeping.Claims`` (None: none kept), so that the temporary files of an export cut short by
+    a crash are removed at the next start. Raises AdapterNotFound, ModelNotFound,
     ExportRefused (preflight), OutputExists, InvalidParams (outType), ExportFailed, OutOfMemory.
     """
     started = time.monotonic()
@@ -64,29 +67,12 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
     _check_free(target, overwrite, want_dir=fmt == "merged")
     if modelfile is not None:
         _check_free(modelfile, overwrite)
+    diskspace.check(source, base, layout, fmt, out_type, target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp_modelfile = modelfile.with_name(f".{modelfile.name}.tmp-{uuid.uuid4().hex[:8]}") if modelfile else None
-    try:
-        adapted, alpha = _write(source, base, layout, fmt, out_type, tmp)
-        if tmp_modelfile is not None:
-            tmp_modelfile.write_text(_modelfile(base.gguf_path, target), encoding="utf-8")
-        _fsync(tmp)
-        for written, final in ((tmp, target), (tmp_modelfile, modelfile)):
-            if written is not None:
-                _check_free(final, overwrite, want_dir=written.is_dir())
-                _publish(written, final)
-    except errors.SidecarError:
-        raise
-    except MemoryError as exc:
-        raise errors.OutOfMemory(f"Out of memory while exporting {source.path} to {fmt}", format=fmt) from exc
-    except Exception as exc:
-        log.exception("export of %s to %s failed", source.path, fmt)
-        raise errors.ExportFailed(f"Exporting {source.path} to {fmt} failed: {type(exc).__name__}: {exc}",
-                                  format=fmt, path=str(target)) from exc
-    finally:
-        for leftover in filter(None, (tmp, tmp_modelfile)):
-            _remove(leftover)
+    with contextlib.ExitStack() as held:
+        for path in filter(None, (target, modelfile)):
+            held.enter_context(housekeeping.claiming(claims, *housekeeping.claim_for_export(path), files=True))
+        adapted, alpha = _write_atomically(source, base, layout, fmt, out_type, target, modelfile, overwrite)
 
     files = [_describe(p) for p in _files_of(target)]
     main = max(files, key=lambda f: f.bytes)
@@ -101,6 +87,35 @@ def export_adapter(adapter_dir: str | Path, fmt: str, *, output_path: Optional[s
     result = msgspec.structs.replace(result, manifest_updated=record_export(source, result))
     log.info("exported %s as %s to %s (%d bytes, %d ms)", source.path, fmt, target, result.bytes, result.duration_ms)
     return result
+
+
+def _write_atomically(source: AdapterSource, base: BaseModel, layout: Any, fmt: str, out_type: str, target: Path,
+                      modelfile: Optional[Path], overwrite: bool) -> tuple[int, Optional[float]]:
+    """Write under hidden temporary names beside ``target`` (and ``modelfile``), then rename into place;
+    the temporary names are removed whatever happens. Returns (adapted weights, the file's alpha)."""
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp_modelfile = modelfile.with_name(f".{modelfile.name}.tmp-{uuid.uuid4().hex[:8]}") if modelfile else None
+    try:
+        adapted, alpha = _write(source, base, layout, fmt, out_type, tmp)
+        if tmp_modelfile is not None:
+            tmp_modelfile.write_text(_modelfile(base.gguf_path, target), encoding="utf-8")
+        _fsync(tmp)
+        for written, final in ((tmp, target), (tmp_modelfile, modelfile)):
+            if written is not None:
+                _check_free(final, overwrite, want_dir=written.is_dir())
+                _publish(written, final)
+        return adapted, alpha
+    except errors.SidecarError:
+        raise
+    except MemoryError as exc:
+        raise errors.OutOfMemory(f"Out of memory while exporting {source.path} to {fmt}", format=fmt) from exc
+    except Exception as exc:
+        log.exception("export of %s to %s failed", source.path, fmt)
+        raise errors.ExportFailed(f"Exporting {source.path} to {fmt} failed: {type(exc).__name__}: {exc}",
+                                  format=fmt, path=str(target)) from exc
+    finally:
+        for leftover in filter(None, (tmp, tmp_modelfile)):
+            _remove(leftover)
 
 
 def _gguf_layout(source: AdapterSource, base: BaseModel, config: dict[str, Any], checkpoint: Optional[str],

@@ -40,7 +40,7 @@ def adapters_unload(app: App, request: Request, p: wire.AdaptersUnloadParams) ->
 def run_compose(app: App, job: Job, report: Report, should_stop: ShouldStop) -> wire.AdaptersComposeResult:
     from ..adapters.compose import compose
 
-    return compose(job.params, models=app.models, registry=app.adapters, stack=app.stack)
+    return compose(job.params, models=app.models, registry=app.adapters, stack=app.stack, claims=app.claims)
 
 
 @method("adapters/compose", job="adapters/compose", run=run_compose)
@@ -56,7 +56,8 @@ def run_export(app: App, job: Job, report: Report, should_stop: ShouldStop) -> w
 
     p = job.params
     return export_adapter(p.adapter_path, p.format, output_path=p.output_path, out_type=p.out_type,
-                          overwrite=p.overwrite, base_model=p.base_model, models=app.models_if_made)
+                          overwrite=p.overwrite, base_model=p.base_model, models=app.models_if_made,
+                          claims=app.claims)
 
 
 @method("adapters/export", job="export", run=run_export)

@@ -94,7 +94,8 @@ def _exports(app: App, p: wire.TrainParams, result: wire.TrainResult) -> wire.Tr
     for i, spec in enumerate(p.export or []):
         try:
             done.append(export_adapter(result.adapter_path, spec.format, output_path=spec.output_path,
-                                       out_type=spec.out_type, base_model=p.base_model, models=app.models_if_made))
+                                       out_type=spec.out_type, base_model=p.base_model, models=app.models_if_made,
+                                       claims=app.claims))
         except errors.SidecarError as exc:
             notes.append(f"export[{i}] ({spec.format}) was not written: {exc.message} (code {exc.CODE})")
     return msgspec.structs.replace(result, exports=done, warnings=result.warnings + notes)
