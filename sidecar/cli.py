@@ -78,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace) -> int:
     import logging
 
-    from . import errors, wire
+    from . import errors, housekeeping, wire
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     from .adapters.export import export_adapter
 
+    claims, _ = housekeeping.start()  # as the server: what a killed export leaves is removed at the next start
     try:
         result = export_adapter(args.adapter, args.format, output_path=args.output, out_type=args.out_type,
-                                overwrite=args.overwrite, base_model=args.base_model)
+                                overwrite=args.overwrite, base_model=args.base_model, claims=claims)
     except errors.SidecarError as exc:
         print(f"lora-sidecar export: {exc.message}", file=sys.stderr)
         return 1

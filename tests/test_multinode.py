@@ -50,14 +50,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_nodes(tmp_path: Path, job: dict, run_id: str) -> tuple[list[subprocess.Popen], list[Path]]:
+def start_nodes(tmp_path: Path, job: dict, run_id: str,
+                **extra_env: str) -> tuple[list[subprocess.Popen], list[Path]]:
     """Both nodes, each an agent in its own session (so that one node can be killed whole)."""
     (tmp_path / "job.json").write_text(json.dumps(job))
     endpoint = f"127.0.0.1:{free_port()}"
     # The job's own directory (params.json) goes to a data dir of the test, not the checkout's.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LORA_SIDECAR_THREADS": "1",
            "LORA_SIDECAR_DATA": str(tmp_path / "data"),
-           "LORA_SIDECAR_ENV": os.environ.get("LORA_SIDECAR_ENV", sys.prefix)}
+           "LORA_SIDECAR_ENV": os.environ.get("LORA_SIDECAR_ENV", sys.prefix), **extra_env}
     nodes, logs = [], []
     for node in (0, 1):
         logs.append(tmp_path / f"node{node}.log")
@@ -174,3 +175,41 @@ def test_killing_one_node_fails_the_job_on_the_other(tiny_model_dir, tmp_path):
     while not all(process_gone(p) for p in pids) and time.monotonic() < gone_by:
         time.sleep(0.1)
     assert [p for p in pids if not process_gone(p)] == []
+
+
+PG_TIMEOUT_S = 8
+
+
+def test_a_node_that_goes_silent_fails_the_job_after_the_collective_timeout(tiny_model_dir, tmp_path):
+    """A node lost without closing its sockets (power or network loss), simulated by SIGSTOP of its agent
+    and worker: their kernel keeps the connections open, so gloo sees no error, only silence. With
+    LORA_SIDECAR_PG_TIMEOUT=8 the other node fails the job once that timeout has passed — not before
+    (it is the timeout that ends it), and not 30 minutes later (torch's default)."""
+    out = tmp_path / "out" / "adapter"
+    out.parent.mkdir()
+    job = {"baseModel": str(tiny_model_dir), "outputPath": str(out), **JOB, "batchSize": 2,
+           "maxSteps": 100_000, "jobId": "nodes-silent"}
+    nodes, logs = start_nodes(tmp_path, job, "silent", LORA_SIDECAR_PG_TIMEOUT=str(PG_TIMEOUT_S))
+    try:
+        deadline = time.monotonic() + 600
+        while not [p for log in logs for _, p in progress(log) if p["phase"] == "training" and p["step"] >= 1]:
+            assert all(node.poll() is None for node in nodes), logs[0].read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, "no training step within 600 s"
+            time.sleep(0.2)
+        main = rank0_node(logs)
+        survivor, victim = nodes[main], nodes[1 - main]
+        start = time.monotonic()
+        for pid in [victim.pid, *children(victim.pid)]:
+            os.kill(pid, signal.SIGSTOP)
+        code = survivor.wait(timeout=FAIL_BOUND_S)
+        elapsed = time.monotonic() - start
+        assert victim.poll() is None  # still there, stopped: nothing closed its sockets
+    finally:
+        stop(nodes)
+    log = logs[main].read_text(errors="replace")
+    print(f"node {main} (rank 0) exited {code} {elapsed:.2f} s after node {1 - main} was stopped "
+          f"(timeout {PG_TIMEOUT_S} s)")
+    assert code != 0, log[-3000:]
+    assert PG_TIMEOUT_S - 1 <= elapsed <= PG_TIMEOUT_S + 60, elapsed
+    assert re.search(r"time(d)? ?out", log, re.IGNORECASE), log[-3000:]
+    assert not (tmp_path / "result.json").exists() and list(out.parent.iterdir()) == []
