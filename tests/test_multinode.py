@@ -94,6 +94,16 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def wait_first_step(nodes: list[subprocess.Popen], logs: list[Path]) -> int:
+    """Wait until a training step is logged (both nodes still running); returns the node of rank 0."""
+    deadline = time.monotonic() + 600
+    while not [p for log in logs for _, p in progress(log) if p["phase"] == "training" and p["step"] >= 1]:
+        assert all(node.poll() is None for node in nodes), logs[0].read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "no training step within 600 s"
+        time.sleep(0.2)
+    return rank0_node(logs)
+
+
 def stop(nodes: list[subprocess.Popen]) -> None:
     for node in nodes:
         if node.poll() is None:
@@ -143,12 +153,7 @@ def test_killing_one_node_fails_the_job_on_the_other(tiny_model_dir, tmp_path):
            "maxSteps": 100_000, "jobId": "nodes-kill"}
     nodes, logs = start_nodes(tmp_path, job, "kill")
     try:
-        deadline = time.monotonic() + 600
-        while not [p for log in logs for _, p in progress(log) if p["phase"] == "training" and p["step"] >= 1]:
-            assert all(node.poll() is None for node in nodes), logs[0].read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no training step within 600 s"
-            time.sleep(0.2)
-        main = rank0_node(logs)
+        main = wait_first_step(nodes, logs)
         survivor, victim = nodes[main], nodes[1 - main]
         workers = [children(node.pid) for node in nodes]
         assert [len(w) for w in workers] == [1, 1], workers  # one worker process under each agent
@@ -191,12 +196,7 @@ def test_a_node_that_goes_silent_fails_the_job_after_the_collective_timeout(tiny
            "maxSteps": 100_000, "jobId": "nodes-silent"}
     nodes, logs = start_nodes(tmp_path, job, "silent", LORA_SIDECAR_PG_TIMEOUT=str(PG_TIMEOUT_S))
     try:
-        deadline = time.monotonic() + 600
-        while not [p for log in logs for _, p in progress(log) if p["phase"] == "training" and p["step"] >= 1]:
-            assert all(node.poll() is None for node in nodes), logs[0].read_text(errors="replace")[-3000:]
-            assert time.monotonic() < deadline, "no training step within 600 s"
-            time.sleep(0.2)
-        main = rank0_node(logs)
+        main = wait_first_step(nodes, logs)
         survivor, victim = nodes[main], nodes[1 - main]
         start = time.monotonic()
         for pid in [victim.pid, *children(victim.pid)]:
